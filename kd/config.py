@@ -1,0 +1,123 @@
+"""Typed configuration shared by every recipe.
+
+A recipe is a frozen dataclass instance; ``launch.py`` hands it to tyro, which turns every field
+(nested ones too) into a command-line flag with its docstring as help. ``__post_init__`` only validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataConfig
+from .errors import ConfigError
+from .optim import OptimConfig
+from .step import AmpConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A network: architecture name and how to initialise it."""
+
+    arch: str = "resnet8x4"
+    """Architecture: a CIFAR model (resnet8x4, resnet32x4, resnet20, resnet56, wrn_16_2, wrn_40_2,
+    mobilenet_v2, ...), a teacher (resnet152, efficientnet_b2) or any torchvision classifier name."""
+    pretrained: bool = False
+    """Start from torchvision's ImageNet weights (needs them downloaded or in torch's hub cache)."""
+    small_input: bool = True
+    """Adapt the stem to 32x32 inputs (ResNet: 3x3 stride-1 conv1, no maxpool; EfficientNet: stride-1 stem)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Fields every training recipe has: data, optimizer, precision, budget and bookkeeping."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset, split, augmentation and batching."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    """Mixed precision."""
+    epochs: int = 90
+    """Training epochs."""
+    seed: int = 0
+    """Seed of the split, the data order, the augmentation and the initialisation."""
+    compile: bool = True
+    """Compile the whole train step with torch.compile (one graph)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'."""
+    channels_last: bool = False
+    """Keep images and conv weights in channels-last memory format."""
+    disable_tqdm: bool = False
+    """Hide progress bars (they also hide themselves when stdout is not a terminal)."""
+    log_every: int = 50
+    """Read training metrics back from the device every N steps."""
+    out_dir: str = "runs"
+    """Parent folder of run directories (runs/<recipe>-<time>/)."""
+    run_name: str = ""
+    """Run directory name; empty = <recipe>-<timestamp>."""
+    resume: str = ""
+    """Continue the run in this directory from its latest checkpoint (its saved config is used)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested, frozen) config dataclass from :func:`to_dict`'s output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        return tuple(_coerce(a, v) for a, v in zip(args, value))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value)
+    return value
+
+
+def load_run_config(cls: type, run_dir: str | Path) -> Any:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist (is {run_dir} a run directory?)")
+    return from_dict(cls, json.loads(path.read_text()))

@@ -1,0 +1,212 @@
+"""The pure training step.
+
+    state, metrics = train_step(state, batch)
+
+``state`` is a dict of trees (nothing else):
+    params   trainable parameters, one sub-tree per trainable part ({"student": ..., "proj": ...})
+    buffers  their buffers (BatchNorm statistics): the step returns the updated statistics
+    opt      optimizer state
+    ema      {"params", "buffers"} exponential moving average of params and buffers (optional)
+    frozen   constant trees the loss reads (frozen teachers, a frozen MBM); returned unchanged
+    step     0-d int64 counter
+    scaler   {"scale", "growth"} for fp16 loss scaling (optional)
+
+Gradient, clipping, optimizer, EMA and schedules all run inside one function, which is compiled once
+with ``torch.compile``: schedules are functions of ``state["step"]``, every scalar is a 0-d tensor, and
+nothing reads a value back to the host. Gradients come from ``torch.func.grad_and_value`` over the
+method's loss function, which calls the models through ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value
+
+from . import tree as T
+from .optim import Optimizer
+
+Metrics = dict[str, Tensor]
+# loss_fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics))
+LossFn = Callable[[T.Tree, T.Tree, T.Tree, dict[str, Tensor], Tensor], tuple[Tensor, tuple[T.Tree, Metrics]]]
+
+
+@dataclass(frozen=True)
+class AmpConfig:
+    """Automatic mixed precision."""
+
+    dtype: Literal["none", "bf16", "fp16"] = "none"
+    """Autocast dtype for the forward pass. fp16 uses a loss scaler; bf16 needs none."""
+    grad_scaler_init_scale: float = 1024.0
+    """fp16 only: initial loss scale of the grad scaler."""
+    growth_interval: int = 2000
+    """fp16 only: finite steps before the loss scale doubles (halved on any non-finite step)."""
+
+
+def autocast_dtype(amp: AmpConfig) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp.dtype]
+
+
+def apply_model(model: nn.Module, params: T.Tree, buffers: T.Tree, x: Tensor, *, train: bool
+                ) -> tuple[Tensor, dict[str, Tensor], T.Tree]:
+    """Stateless forward: ``(logits, features, new_buffers)``.
+
+    ``model`` must be in the mode asked for (keep one skeleton per mode: toggling ``.train()`` on a
+    compiled module recompiles). In training mode the buffers are cloned first, so BatchNorm's in-place
+    running-statistics update lands on the copies that are returned, never on the caller's state.
+    """
+    if model.training != train:
+        raise RuntimeError(f"model skeleton is in {'train' if model.training else 'eval'} mode, asked for "
+                           f"{'train' if train else 'eval'}: use a skeleton per mode")
+    new_buffers = T.clone(buffers) if train else buffers
+    logits, features = functional_call(model, (params, new_buffers), (x,))
+    return logits, features, new_buffers
+
+
+def mixed_cross_entropy(logits: Tensor, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+    """``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (mixup / CutMix targets), batch mean."""
+    logits = logits.float()
+    ce_a = F.cross_entropy(logits, batch["y_a"], label_smoothing=label_smoothing)
+    ce_b = F.cross_entropy(logits, batch["y_b"], label_smoothing=label_smoothing)
+    lam = batch["lam"]
+    return lam * ce_a + (1 - lam) * ce_b
+
+
+def global_norm(grads: T.Tree) -> Tensor:
+    norms = torch._foreach_norm([g.float() for g in T.leaves(grads)])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_coefficient(norm: Tensor, threshold: Tensor) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``'s factor; a threshold <= 0 switches clipping off (factor 1),
+    it never clips to zero."""
+    coef = (threshold / (norm + 1e-6)).clamp(max=1.0)
+    return torch.where(threshold > 0, coef, torch.ones_like(coef))
+
+
+def ema_decay(step: Tensor, max_decay: float = 0.9999) -> Tensor:
+    """``min(max_decay, (1 + t) / (10 + t))``: short memory early, long memory later."""
+    t = step.float()
+    return torch.clamp((1 + t) / (10 + t), max=max_decay)
+
+
+def ema_update(ema: T.Tree, new: T.Tree, decay: Tensor) -> T.Tree:
+    """Floating leaves move towards ``new``; integer leaves (BN's ``num_batches_tracked``) are copied."""
+    def one(e: Tensor, n: Tensor) -> Tensor:
+        if not e.is_floating_point():
+            return n.clone()
+        return e * decay + n.detach() * (1 - decay)
+    return T.tree_map(one, ema, new)
+
+
+def init_state(params: T.Tree, buffers: T.Tree, optimizer: Optimizer, *, frozen: T.Tree | None = None,
+               ema: bool = True, amp: AmpConfig = AmpConfig()) -> T.Tree:
+    params = T.detach(params)
+    device = T.leaves(params)[0].device
+    state: T.Tree = {
+        "params": params,
+        "buffers": T.detach(buffers),
+        "opt": optimizer.init(params),
+        "frozen": T.detach(frozen or {}),
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+    }
+    if ema:
+        state["ema"] = {"params": T.clone(state["params"]), "buffers": T.clone(state["buffers"])}
+    if amp.dtype == "fp16":
+        state["scaler"] = {"scale": torch.tensor(amp.grad_scaler_init_scale, device=device),
+                           "growth": torch.zeros((), dtype=torch.int64, device=device)}
+    return state
+
+
+def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tensor], Tensor], *,
+                    clip_fn: Callable[[Tensor], Tensor] | None = None, amp: AmpConfig = AmpConfig(),
+                    device_type: str = "cpu") -> Callable[[T.Tree, dict[str, Tensor]], tuple[T.Tree, Metrics]]:
+    """Build ``train_step(state, batch) -> (new_state, metrics)``; compile it with :func:`compile_step`.
+
+    ``lr_fn`` and ``clip_fn`` map the step counter to a 0-d learning rate / clipping threshold
+    (threshold <= 0: no clipping).
+    """
+    dtype = autocast_dtype(amp)
+    use_scaler = amp.dtype == "fp16"
+
+    def scaled_loss(params, buffers, frozen, batch, step, scale):
+        ctx = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+        with ctx:
+            loss, (new_buffers, metrics) = loss_fn(params, buffers, frozen, batch, step)
+        loss = loss.float()
+        return loss * scale, (loss, new_buffers, metrics)
+
+    def train_step(state: T.Tree, batch: dict[str, Tensor]) -> tuple[T.Tree, Metrics]:
+        step = state["step"]
+        scale = state["scaler"]["scale"] if use_scaler else torch.ones((), device=step.device)
+        grads, (_, (loss, new_buffers, metrics)) = grad_and_value(scaled_loss, has_aux=True)(
+            state["params"], state["buffers"], state["frozen"], batch, step, scale)
+        grads = T.tree_map(lambda g: g / scale, grads)
+        norm = global_norm(grads)
+        threshold = clip_fn(step) if clip_fn is not None else torch.zeros((), device=norm.device)
+        coef = clip_coefficient(norm, threshold)
+        grads = T.tree_map(lambda g: g * coef.to(g.dtype), grads)
+        lr = lr_fn(step)
+        params, opt_state = optimizer.update(grads, state["opt"], state["params"], lr)
+
+        new_state = dict(state)
+        if use_scaler:
+            # Skip the whole update on a non-finite gradient and back off the scale (functional GradScaler).
+            finite = torch.isfinite(norm)
+            keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
+            params = T.tree_map(keep, params, state["params"])
+            opt_state = T.tree_map(keep, opt_state, state["opt"])
+            new_buffers = T.tree_map(keep, new_buffers, state["buffers"])
+            growth = torch.where(finite, state["scaler"]["growth"] + 1, torch.zeros_like(state["scaler"]["growth"]))
+            grow = growth >= amp.growth_interval
+            new_scale = torch.where(finite, torch.where(grow, scale * 2, scale), scale * 0.5)
+            new_state["scaler"] = {"scale": new_scale, "growth": torch.where(grow, torch.zeros_like(growth), growth)}
+            metrics = {**metrics, "loss_scale": scale, "skipped": (~finite).float()}
+
+        new_state["params"] = params
+        new_state["opt"] = opt_state
+        new_state["buffers"] = new_buffers
+        new_state["step"] = step + 1
+        if "ema" in state:
+            decay = ema_decay(step)
+            new_state["ema"] = {"params": ema_update(state["ema"]["params"], params, decay),
+                                "buffers": ema_update(state["ema"]["buffers"], new_buffers, decay)}
+        metrics = {**metrics, "loss": loss.detach(), "grad_norm": norm, "lr": lr, "clip": threshold}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_step(fn: Callable, enabled: bool, *, mode: str | None = None) -> Callable:
+    """``torch.compile`` the whole step as one graph (no graph breaks allowed)."""
+    if not enabled:
+        return fn
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+
+
+def make_eval_fn(model: nn.Module) -> Callable[[T.Tree, T.Tree, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+    """``(params, buffers, x) -> (logits, features)`` in eval mode, no gradient."""
+    if model.training:
+        raise RuntimeError("make_eval_fn needs the eval-mode skeleton")
+
+    def evaluate(params: T.Tree, buffers: T.Tree, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            logits, features, _ = apply_model(model, params, buffers, x, train=False)
+        return logits, features
+
+    return evaluate
+
+
+def accuracy_counts(logits: Tensor, labels: Tensor) -> Tensor:
+    """Number of correct top-1 predictions, as a 0-d tensor (summed on the device, read once)."""
+    return (logits.argmax(dim=1) == labels).sum()
+
+
+def read_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The one host sync: turn device scalars into floats (call every N steps, not every step)."""
+    return {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,78 @@
+"""Entry point: ``python launch.py recipes.NAME [--field value ...]``.
+
+Imports the recipe module, parses overrides of any field of its typed default config with tyro
+(``--help`` lists them all with docstrings and defaults), and runs it. ``python launch.py`` alone lists
+the recipes. Errors caused by input (bad checkpoint, missing dataset, NaN loss...) end in one line and a
+non-zero exit; an unknown field or a wrong type is rejected by tyro before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    import recipes
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(recipes.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"recipes.{info.name}")
+        if not hasattr(module, "main"):
+            continue
+        doc = (module.__doc__ or "").strip().splitlines()
+        found.append((f"recipes.{info.name}", doc[0] if doc else ""))
+    return found
+
+
+def usage() -> str:
+    lines = ["usage: python launch.py recipes.NAME [--field value ...]   (add --help for a recipe's fields)", "",
+             "recipes:"]
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    lines += [f"  {name:<{width}}  {doc}" for name, doc in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "list"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if not name.startswith("recipes."):
+        name = f"recipes.{name}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            print(f"error: no recipe {name!r}\n\n{usage()}", file=sys.stderr)
+            return 2
+        raise
+    if not hasattr(module, "main"):
+        print(f"error: {name} is not a recipe (it has no main())", file=sys.stderr)
+        return 2
+
+    from kd.errors import KDError
+
+    try:
+        return int(module.main(rest, prog=f"launch.py {name}") or 0)
+    except KDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last epoch's checkpoint is in the run directory (resume with --resume RUN_DIR)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
