@@ -152,7 +152,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
                                   f"{prefix}val_acc": val, "train_loss": last.get("loss")}
         if val > best_val:
             best_val = val
-            save_weights(run.path(f"{file_prefix}best.safetensors"), state["params"][part], state["buffers"][part],
+            save_weights(run.path(f"{file_prefix}best.safetensors"), state["params"], state["buffers"],
                          {**weight_meta, "val_acc": val, "epoch": epoch + 1})
         if has_ema:
             ema_val = evaluate_accuracy(eval_fn, state["ema"]["params"][part], state["ema"]["buffers"][part],
@@ -160,8 +160,8 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
             record[f"{prefix}val_acc_ema"] = ema_val
             if ema_val > best_ema_val:
                 best_ema_val = ema_val
-                save_weights(run.path(f"{file_prefix}best_ema.safetensors"), state["ema"]["params"][part],
-                             state["ema"]["buffers"][part], {**weight_meta, "val_acc": ema_val, "epoch": epoch + 1})
+                save_weights(run.path(f"{file_prefix}best_ema.safetensors"), state["ema"]["params"],
+                             state["ema"]["buffers"], {**weight_meta, "val_acc": ema_val, "epoch": epoch + 1})
         run.log(record)
         say(f"[{tag or 'train'}] epoch {epoch + 1}/{epochs}  loss {last.get('loss', float('nan')):.4f}  "
             f"val {val:.2f}%" + (f"  ema {record[f'{prefix}val_acc_ema']:.2f}%" if has_ema else "")
@@ -174,6 +174,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
 
 
 def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, Any]) -> None:
+    """Every trainable part (student and its heads/regressors), without optimizer state."""
     save_checkpoint(path, {"params": params, "buffers": buffers}, {"kind": "weights", **meta})
 
 
@@ -193,13 +194,13 @@ def load_train_state(path: Path, *, expect: dict[str, Any], device: torch.device
                      ) -> tuple[T.Tree, dict[str, Any]]:
     """Restore a train state saved by :func:`save_train_state`; restores the RNG too."""
     tree, meta = load_checkpoint(path, expect=expect, device=device)
-    state = tree["state"]
-    want, have = set(T.flatten(like)), set(T.flatten(state))
+    flat = T.flatten(tree["state"])
+    want, have = set(T.flatten(like)), set(flat)
     if want != have:
         missing = sorted(want - have)[:3]
         raise CheckpointError(f"{path} does not match this run's state (missing e.g. {missing})")
     # Keep dtypes of the live state (e.g. step int64) and the device.
-    state = T.tree_map(lambda s, ref: s.to(device=ref.device, dtype=ref.dtype), state, like)
+    state = T.tree_map(lambda ref, s: s.to(device=ref.device, dtype=ref.dtype), like, T.fill(like, flat))
     torch.set_rng_state(tree["rng"]["torch"].cpu())
     if "cuda" in tree["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(tree["rng"]["cuda"].cpu())
@@ -221,7 +222,7 @@ def final_report(run: Run, *, state: T.Tree, part: str, eval_fn: Callable, split
         path = run.path(file_prefix + file)
         if path.exists():
             params, buffers, _ = load_weights(path, expect={"arch": weight_meta["arch"]}, device=device)
-            candidates.append((name, params, buffers))
+            candidates.append((name, params[part], buffers.get(part, {})))
     for name, params, buffers in candidates:
         out[f"{name}_val_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.val, splits, cfg, device)
         out[f"{name}_test_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.test, splits, cfg, device)

@@ -1,17 +1,21 @@
-"""Supervised training of one classifier: the teacher fine-tuning recipe and the CE baseline.
+"""Training one network (plus optional heads) against optional frozen teachers.
 
-Read top to bottom: data -> network -> loss -> pure step -> loop -> report.
+Used by the teacher fine-tuning recipe, the CE baseline and the single-teacher baselines (KD, AT,
+FitNet). Read top to bottom: data -> network -> loss -> pure step -> loop -> report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from .config import ModelConfig, RunConfig, load_run_config, resolve_device, to_json
-from .data import load_splits, steps_per_epoch
+from . import tree as T
+from .config import ModelConfig, RunConfig, load_run_config, resolve_device
+from .data import Splits, load_splits, steps_per_epoch
 from .modeling import Net, build_net
 from .optim import build_optimizer, lr_schedule
 from .run import Run, final_report, load_train_state, say, train_loop
@@ -24,38 +28,55 @@ def classifier_loss(net: Net, part: str, label_smoothing: float):
     def loss_fn(params, buffers, frozen, batch, step):
         logits, _, new_buffers = apply_model(net.train_skeleton, params[part], buffers[part], batch["x"], train=True)
         loss = mixed_cross_entropy(logits, batch, label_smoothing)
-        return loss, ({part: new_buffers}, {"ce": loss.detach()})
+        return loss, ({**buffers, part: new_buffers}, {"ce": loss.detach()})
 
     return loss_fn
 
 
-def constant(value: float, device: torch.device):
+def constant(value: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     threshold = torch.tensor(float(value), device=device)
     return lambda step: threshold
 
 
-def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, part: str, label_smoothing: float,
-                     grad_clip_norm: float, ema: bool, cfg_type: type | None = None) -> tuple[Run, dict[str, Any]]:
+@dataclass
+class Extras:
+    """What a method adds around the trained network: trainable heads, frozen teachers, summary fields."""
+
+    params: T.Tree = field(default_factory=dict)
+    buffers: T.Tree = field(default_factory=dict)
+    frozen: T.Tree = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(cfg: RunConfig, recipe: str, cfg_type: type) -> tuple[RunConfig, torch.device, Splits, Run]:
+    """Resolve ``--resume``, the device, the data and the run directory."""
     if cfg.resume:
-        cfg = _resumed(cfg, cfg_type or type(cfg))
+        saved = load_run_config(cfg_type, cfg.resume)
+        cfg = dataclasses.replace(saved, resume=cfg.resume, disable_tqdm=cfg.disable_tqdm)
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)
-    say(f"run {run.root}  |  {splits.description}  |  {part} {model_cfg.arch}  |  device {device}")
+    return cfg, device, splits, run
 
-    net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+
+def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device: torch.device, net: Net,
+                  model_cfg: ModelConfig, *, part: str, loss_fn, grad_clip_norm: float, ema: bool,
+                  extras: Extras | None = None) -> dict[str, Any]:
+    """Train ``net`` (state key ``part``) with ``loss_fn``; evaluate, checkpoint and summarise."""
+    extras = extras or Extras()
+    say(f"run {run.root}  |  {splits.description}  |  {part} {model_cfg.arch}  |  device {device}")
     meta = net.meta(model_cfg, splits.name)
     spe = steps_per_epoch(splits, cfg.data)
     optimizer = build_optimizer(cfg.optim)
-    train_step = make_train_step(classifier_loss(net, part, label_smoothing), optimizer,
-                                 lr_schedule(cfg.optim, spe, cfg.epochs),
+    train_step = make_train_step(loss_fn, optimizer, lr_schedule(cfg.optim, spe, cfg.epochs),
                                  clip_fn=constant(grad_clip_norm, device), amp=cfg.amp, device_type=device.type)
-    state = init_state({part: net.params}, {part: net.buffers}, optimizer, ema=ema, amp=cfg.amp)
+    state = init_state({part: net.params, **extras.params}, {part: net.buffers, **extras.buffers}, optimizer,
+                       frozen=extras.frozen, ema=ema, amp=cfg.amp)
     resume_info = None
     if cfg.resume and run.path("last.safetensors").exists():
         state, resume_info = load_train_state(run.path("last.safetensors"), expect={"arch": net.arch},
                                               device=device, like=state)
-        say(f"resuming from epoch {resume_info['epoch']}")
+        say(f"resuming {run.root} after epoch {resume_info['epoch']}")
 
     eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile)
     t0 = time.perf_counter()
@@ -66,9 +87,20 @@ def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, par
     summary = {"recipe": recipe, "dataset": splits.description, part: model_cfg.arch,
                "num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
-               "images_per_second": result.images_per_second, **accuracies}
+               "images_per_second": result.images_per_second, **extras.summary, **accuracies}
     run.write_summary(summary)
     print_accuracy_table(summary)
+    return summary
+
+
+def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, part: str, label_smoothing: float,
+                     grad_clip_norm: float, ema: bool, cfg_type: type) -> tuple[Run, dict[str, Any]]:
+    """Plain supervised training (teacher fine-tuning, CE baseline)."""
+    cfg, device, splits, run = prepare(cfg, recipe, cfg_type)
+    net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+    summary = train_network(cfg, recipe, run, splits, device, net, model_cfg, part=part,
+                            loss_fn=classifier_loss(net, part, label_smoothing), grad_clip_norm=grad_clip_norm,
+                            ema=ema)
     return run, summary
 
 
@@ -77,14 +109,3 @@ def print_accuracy_table(summary: dict[str, Any]) -> None:
     say("\n| weights | val acc (%) | test acc (%) |\n|---|---|---|")
     for row in rows:
         say(f"| {row} | {summary[row + '_val_acc']:.2f} | {summary[row + '_test_acc']:.2f} |")
-
-
-def _resumed(cfg: RunConfig, cfg_type: type) -> RunConfig:
-    """The saved config of the run being resumed, keeping only this invocation's bookkeeping fields."""
-    import dataclasses
-
-    saved = load_run_config(cfg_type, cfg.resume)
-    return dataclasses.replace(saved, resume=cfg.resume, disable_tqdm=cfg.disable_tqdm)
-
-
-__all__ = ["train_classifier", "classifier_loss", "print_accuracy_table", "to_json"]

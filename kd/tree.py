@@ -78,3 +78,13 @@ def map_like(structure: Tree, values: list[Tensor]) -> Tree:
     if len(names) != len(values):
         raise ValueError(f"expected {len(names)} leaves, got {len(values)}")
     return unflatten(dict(zip(names, values)))
+
+
+def fill(structure: Tree, flat: dict[str, Tensor], prefix: str = "") -> Tree:
+    """A tree with exactly ``structure``'s keys (empty sub-dicts included) whose leaves come from
+    ``flat`` (as produced by :func:`flatten`)."""
+    out: Tree = {}
+    for key, value in structure.items():
+        name = f"{prefix}{key}"
+        out[key] = fill(value, flat, name + SEP) if isinstance(value, dict) else flat[name]
+    return out
