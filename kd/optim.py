@@ -34,8 +34,8 @@ class Optimizer(NamedTuple):
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["sgd", "adamw"] = "adamw"
-    """Optimizer: SGD (momentum, optional Nesterov) or AdamW (decoupled weight decay)."""
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    """Optimizer: SGD (momentum, optional Nesterov), Adam (L2 weight decay) or AdamW (decoupled weight decay)."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 5e-4
@@ -86,8 +86,10 @@ def sgd(momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False
     return Optimizer(init, update)
 
 
-def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> Optimizer:
-    """``torch.optim.AdamW`` (no amsgrad). The step counter lives in the state as a 0-d tensor."""
+def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+          decoupled: bool = True) -> Optimizer:
+    """``torch.optim.AdamW`` (no amsgrad); with ``decoupled=False`` it is ``torch.optim.Adam`` whose weight
+    decay is an L2 term added to the gradient. The step counter lives in the state as a 0-d tensor."""
     beta1, beta2 = betas
 
     def init(params: T.Tree) -> T.Tree:
@@ -102,7 +104,10 @@ def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_d
         count = state["count"] + 1
         p = T.leaves(params)
         g = T.leaves(grads)
-        p = torch._foreach_mul(p, 1 - lr * weight_decay)
+        if decoupled:
+            p = torch._foreach_mul(p, 1 - lr * weight_decay)
+        elif weight_decay:
+            g = torch._foreach_add(g, p, alpha=weight_decay)
         mu = torch._foreach_add(torch._foreach_mul(T.leaves(state["mu"]), beta1), g, alpha=1 - beta1)
         nu = torch._foreach_addcmul(torch._foreach_mul(T.leaves(state["nu"]), beta2), g, g, value=1 - beta2)
         bias1 = 1 - beta1**count
@@ -119,7 +124,7 @@ def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_d
 def build_optimizer(cfg: OptimConfig) -> Optimizer:
     if cfg.name == "sgd":
         return sgd(cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    return adamw(cfg.betas, cfg.eps, cfg.weight_decay)
+    return adamw(cfg.betas, cfg.eps, cfg.weight_decay, decoupled=cfg.name == "adamw")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,12 +60,17 @@ def apply_model(model: nn.Module, params: T.Tree, buffers: T.Tree, x: Tensor, *,
     compiled module recompiles). In training mode the buffers are cloned first, so BatchNorm's in-place
     running-statistics update lands on the copies that are returned, never on the caller's state.
     """
-    if model.training != train:
-        raise RuntimeError(f"model skeleton is in {'train' if model.training else 'eval'} mode, asked for "
-                           f"{'train' if train else 'eval'}: use a skeleton per mode")
-    new_buffers = T.clone(buffers) if train else buffers
-    logits, features = functional_call(model, (params, new_buffers), (x,))
+    (logits, features), new_buffers = call_stateless(model, params, buffers, x, train=train)
     return logits, features, new_buffers
+
+
+def call_stateless(module: nn.Module, params: T.Tree, buffers: T.Tree, *args: Any, train: bool) -> tuple[Any, T.Tree]:
+    """``functional_call`` that returns ``(output, new_buffers)``; buffers are copied first in training."""
+    if module.training != train:
+        raise RuntimeError(f"{type(module).__name__} skeleton is in {'train' if module.training else 'eval'} mode, "
+                           f"asked for {'train' if train else 'eval'}: use a skeleton per mode")
+    new_buffers = T.clone(buffers) if train else buffers
+    return functional_call(module, (params, new_buffers), args), new_buffers
 
 
 def mixed_cross_entropy(logits: Tensor, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:

@@ -23,13 +23,15 @@ def _leaves(tree):
     ("sgd", dict(momentum=0.9, weight_decay=5e-4, nesterov=True), dict(momentum=0.9, weight_decay=5e-4, nesterov=True)),
     ("adamw", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=5e-4), dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=5e-4)),
     ("adamw", dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ("adam", dict(weight_decay=5e-4, decoupled=False), dict(weight_decay=5e-4)),
 ])
 def test_matches_torch_optim_for_20_steps(name, kwargs, ref):
     gen = torch.Generator().manual_seed(0)
     params = _random_tree(gen)
     torch_params = [p.clone().requires_grad_() for p in _leaves(params)]
     ours = sgd(**kwargs) if name == "sgd" else adamw(**kwargs)
-    theirs = (torch.optim.SGD if name == "sgd" else torch.optim.AdamW)(torch_params, lr=0.05, **ref)
+    reference = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    theirs = reference(torch_params, lr=0.05, **ref)
     opt_state = ours.init(params)
     original = [p.clone() for p in _leaves(params)]
     for step in range(20):

@@ -1,0 +1,92 @@
+"""Shared pieces of the distillation recipes: teacher checkpoints and the single-teacher baselines' config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kd.config import ModelConfig, RunConfig
+from kd.data import DataConfig
+from kd.modeling import Net, build_net
+from kd.optim import OptimConfig
+from kd.run import load_weights, say
+from kd.step import AmpConfig
+
+
+def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
+    """Fine-tune the teacher with ``recipes.teacher`` when its checkpoint is missing (as the original
+    ``run_ibkd.sh`` did). The teacher sees the same dataset, split and seed as the student, so the
+    validation images stay unseen by both."""
+    if Path(ckpt).exists():
+        return
+    from recipes import teacher
+
+    say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
+    base = teacher.CONFIG
+    data = dataclasses.replace(base.data, name=cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
+                               train_subset=cfg.data.train_subset, synthetic_size=cfg.data.synthetic_size,
+                               synthetic_classes=cfg.data.synthetic_classes, batch_size=cfg.data.batch_size,
+                               eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
+    teacher.run(dataclasses.replace(
+        base, teacher=model, ckpt=ckpt, data=data, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
+        device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
+        out_dir=cfg.out_dir, log_every=cfg.log_every, run_name="", resume=""))
+
+
+def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,
+                 channels_last: bool = False) -> Net:
+    """A frozen teacher: the skeleton from ``model`` (no download: the weights come from ``ckpt``), checked
+    against the checkpoint's architecture and class count."""
+    net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last)
+    params, buffers, meta = load_weights(ckpt, expect={"arch": model.arch, "num_classes": num_classes}, device=device)
+    part = next(iter(params))  # a teacher checkpoint holds one part ("teacher")
+    net.params, net.buffers = params[part], buffers.get(part, {})
+    if channels_last:
+        net.params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                      for k, v in net.params.items()}
+    missing = set(net.train_skeleton.state_dict()) - set(net.params) - set(net.buffers)
+    if missing:
+        from kd.errors import CheckpointError
+        raise CheckpointError(f"{ckpt} lacks {len(missing)} tensors of {model.arch} (e.g. {sorted(missing)[0]})")
+    return net
+
+
+@dataclass(frozen=True)
+class DistillConfig(RunConfig):
+    """A student distilled from one fine-tuned teacher."""
+
+    student: ModelConfig = ModelConfig(arch="resnet8x4")
+    """The student network."""
+    teacher: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
+    """The teacher network (its weights come from --teacher-ckpt)."""
+    teacher_ckpt: str = "checkpoints/resnet152_ft.safetensors"
+    """Fine-tuned teacher weights (recipes.teacher output); fine-tuned first when missing."""
+    teacher_epochs: int = 30
+    """Fine-tuning epochs when the teacher checkpoint is missing."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the student's cross-entropy."""
+    grad_clip_norm: float = 0.0
+    """Global gradient-norm clipping threshold (0 = off)."""
+    ema: bool = True
+    """Keep an EMA of the student (and its BN statistics), reported beside the raw weights."""
+
+
+# The student pipeline of IB-KD stage B, shared by every baseline so comparisons are like for like.
+STUDENT_DATA = DataConfig(name="cifar100", batch_size=128, mixup_alpha=0.2, cutmix_alpha=0.5, cutmix_prob=0.5)
+STUDENT_OPTIM = OptimConfig(name="adamw", lr=1e-3, weight_decay=5e-4, warmup_epochs=5, min_lr_ratio=0.05)
+
+# The peer CIFAR-100 tables (CRD / mdistiller): SGD 0.05, batch 64, 240 epochs, /10 at 150/180/210, crop+flip.
+CIFAR_TABLE_DATA = DataConfig(name="cifar100", batch_size=64)
+CIFAR_TABLE_OPTIM = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
+                                milestones=(150, 180, 210), gamma=0.1, warmup_epochs=0)
+
+
+def cifar_table(cfg: DistillConfig, *, lr: float = 0.05) -> DistillConfig:
+    """The peer-table variant of a baseline: resnet32x4 -> resnet8x4 with the table's optimizer and data."""
+    return dataclasses.replace(
+        cfg, data=CIFAR_TABLE_DATA, optim=dataclasses.replace(CIFAR_TABLE_OPTIM, lr=lr), epochs=240,
+        student=ModelConfig(arch="resnet8x4"), teacher=ModelConfig(arch="resnet32x4", pretrained=False),
+        teacher_ckpt="checkpoints/resnet32x4_ft.safetensors", label_smoothing=0.0, amp=AmpConfig())

@@ -1,0 +1,14 @@
+"""kd with the peer CIFAR-100 table recipe: resnet32x4 -> resnet8x4, SGD 0.05, batch 64, 240 epochs, /10 at 150/180/210."""
+
+from __future__ import annotations
+
+from . import kd as base
+from ._cli import parse
+from ._distill import cifar_table
+
+CONFIG = cifar_table(base.CONFIG)
+
+
+def main(argv=None, prog="launch.py recipes.kd_cifar"):
+    base.run(parse(CONFIG, argv, prog=prog, description=__doc__), recipe="kd_cifar")
+    return 0
