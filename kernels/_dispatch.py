@@ -13,6 +13,7 @@ The choice depends only on the backend string and on tensor devices, both static
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,15 +44,23 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     tl = _TritonMissing()
     HAS_TRITON = False
 
-__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "resolve_backend", "tl", "triton"]
+__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "kernel_operand", "outside_torch_func", "resolve_backend", "tl", "triton"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "KD_KERNELS"
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter.
+
+    Triton fixes interpret-or-compile when ``triton.language`` is imported and when each kernel is
+    defined, so setting ``TRITON_INTERPRET=1`` after that has no effect; ask Triton itself.
+    """
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
 
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
@@ -71,7 +80,37 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
         raise RuntimeError("backend='triton' was requested but Triton is not installed")
     if not on_cuda and not interpreting():
         raise RuntimeError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before Triton is "
-            "imported; use backend='reference' (or 'auto') on CPU"
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before anything imports triton (setting it later has no effect); "
+            "or use backend='reference' (or 'auto') on CPU"
         )
     return "triton"
+
+
+@contextlib.contextmanager
+def outside_torch_func():
+    """Run a hand-written backward on plain tensors, outside torch.func's transform levels.
+
+    Under ``torch.func.grad``/``grad_and_value`` an autograd.Function's ``backward`` receives its
+    saved tensors and output gradients wrapped at the transform's level, and every tensor it
+    allocates is wrapped too; a wrapper has no storage that a Triton kernel could be handed. Our
+    backwards are explicit formulas that are never differentiated again (first-order training), so
+    running them on the unwrapped tensors (see :func:`kernel_operand`) with torch.func's dispatch
+    switched off is exact; torch.func lifts the plain gradients back to its level. Under
+    ``torch.compile`` the tensors are traced, not wrapped, and nothing is changed.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    with torch._C._DisableFuncTorch():
+        yield
+
+
+def kernel_operand(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The plain tensor under torch.func's grad-tracking wrappers (see :func:`outside_torch_func`)."""
+    if tensor is None or torch.compiler.is_compiling():
+        return tensor
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor) and functorch.is_gradtrackingtensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
