@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+from kernels import reference as kernel_reference
 
 LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
 
@@ -70,7 +71,7 @@ class MBM(nn.Module):
         mu = self.mu(h)
         logvar = self.logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
         if eps is None:
-            z, kl = mu, kernels.reference.ib_reparam_kl(mu, logvar, torch.zeros_like(mu))[1]
+            z, kl = mu, kernel_reference.ib_reparam_kl(mu, logvar, torch.zeros_like(mu))[1]
         else:
             z, kl = kernels.ib_reparam_kl(mu, logvar, eps)
         return {"mu": mu, "logvar": logvar, "z": z, "kl": kl, "logits": self.head(z)}

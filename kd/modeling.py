@@ -16,6 +16,7 @@ from torch import nn
 
 from . import tree as T
 from .config import ModelConfig
+from .errors import ConfigError
 from .models import build_model, num_parameters
 
 
@@ -38,7 +39,10 @@ def build_net(cfg: ModelConfig, num_classes: int, device: torch.device, *, chann
               seed: int | None = None) -> Net:
     if seed is not None:
         torch.manual_seed(seed)
-    module = build_model(cfg.arch, num_classes, small_input=cfg.small_input, pretrained=cfg.pretrained)
+    try:
+        module = build_model(cfg.arch, num_classes, small_input=cfg.small_input, pretrained=cfg.pretrained)
+    except (ValueError, RuntimeError) as exc:  # unknown arch, no pretrained weights, offline download
+        raise ConfigError(f"cannot build {cfg.arch!r}: {str(exc).splitlines()[0]}") from None
     module = module.to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
