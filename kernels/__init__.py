@@ -1,17 +1,23 @@
-"""Fused Triton kernels for the AT and IB losses, with their pure-torch references.
+"""Fused Triton kernels for the AT and IB losses, with their pure-torch references (SPEC 8).
 
-Public API (Triton on CUDA, the reference elsewhere; ``backend=`` or ``$KD_KERNELS`` overrides):
+Public API (Triton for CUDA tensors, the reference elsewhere; ``backend=`` or ``$KD_KERNELS``
+overrides, see :mod:`kernels._dispatch`):
 
-* :func:`attention_map`, :func:`attention_transfer_loss`  (``kernels.at``)
-* :func:`ib_reparam_kl`, :func:`precision_clamp_value`, :func:`ib_student_loss`  (``kernels.ib``)
+* :func:`attention_map`, :func:`attention_transfer_loss` (``kernels.at``)
+* :func:`ib_reparam_kl`, :func:`precision_clamp_value`, :func:`ib_student_loss` (``kernels.ib``)
 
-``kernels.reference`` holds the reference functions under the same names (without ``backend``).
+:mod:`kernels.reference` holds the pure-torch references under the same names (without the
+``backend`` keyword); the CPU path, the tests and the benchmark all import them from there.
 """
 
 from .at import attention_map, attention_transfer_loss, attention_transfer_pair_loss
+from .ib import ib_reparam_kl, ib_student_loss, precision_clamp_value
 
 __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "attention_transfer_pair_loss",
+    "ib_reparam_kl",
+    "ib_student_loss",
+    "precision_clamp_value",
 ]
