@@ -439,15 +439,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
 def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int = CROP_PADDING) -> Tensor:
     """Crop each image of (N, C, H, W) at (top, left) out of its zero-padded copy, then mirror it where
-    `flip`; top and left are in 0..2*padding (padding = no shift). One gather for the whole batch."""
+    `flip`; top and left are in 0..2*padding (padding = no shift)."""
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))  # (N, C, H + 2p, W + 2p)
-    rows = top[:, None] + torch.arange(h)  # (N, H)
-    cols = left[:, None] + torch.arange(w)  # (N, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return padded[
-        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]
-    ]
+    # Every crop position as a view, (N, C, 2p + 1, 2p + 1, H, W); one gather picks each image's own.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    cropped = windows[torch.arange(n), :, top, left]  # (N, C, H, W)
+    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
 
 
 _RANDAUGMENT_CACHE: dict[tuple[int, int, int], tuple[object, list[tuple[str, float | None, bool]]]] = {}
