@@ -474,6 +474,8 @@ def rand_augment(images: Tensor, num_ops: int, magnitude: int, generator: torch.
     a generator seeded like the global RNG the result equals `v2.RandAugment` called on each image in turn
     (tested). The images that drew the same (op, magnitude) in the same slot are then transformed as one
     batch through torchvision's own op code, which is several times faster than a per-image loop.
+    Uses v2.RandAugment's `_AUGMENTATION_SPACE` and `_apply_image_or_video_transform` (unchanged since
+    torchvision 0.15): the only way to keep its op table and code while drawing from our own generator.
     """
     n, _, height, width = images.shape
     transform, table = _randaugment_ops(magnitude, height, width)
@@ -505,8 +507,8 @@ def mixup(x: Tensor, perm: Tensor, lam: float) -> Tensor:
 
 
 def cutmix_box(lam0: float, centre_y: int, centre_x: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The CutMix box (y1, y2, x1, x2): area (1 - lam0) of the image, centred at (centre_y, centre_x),
-    clipped to the image (so the pasted area can be smaller than 1 - lam0)."""
+    """The CutMix box (y1, y2, x1, x2): sides round(sqrt(1 - lam0) * size), so about (1 - lam0) of the
+    image, centred at (centre_y, centre_x) and clipped to the image (the pasted area can then be smaller)."""
     cut = math.sqrt(1.0 - lam0)
     box_h, box_w = round(height * cut), round(width * cut)
     y1, x1 = centre_y - box_h // 2, centre_x - box_w // 2
