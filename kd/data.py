@@ -207,7 +207,9 @@ def _download_cifar(name: str, root_dir: Path) -> None:
     files = ", ".join(f"`{f}`" for f in [*spec["train"], spec["test"], spec["meta"]])
     try:
         root_dir.mkdir(parents=True, exist_ok=True)
-        tv_utils.download_and_extract_archive(tv_class.url, str(root_dir), filename=tv_class.filename, md5=tv_class.tgz_md5)
+        tv_utils.download_and_extract_archive(
+            tv_class.url, str(root_dir), filename=tv_class.filename, md5=tv_class.tgz_md5
+        )
         missing = [f for f in [*spec["train"], spec["test"], spec["meta"]] if not (folder / f).is_file()]
         if missing:
             raise RuntimeError(f"the archive did not contain {missing}")
@@ -537,7 +539,9 @@ def steps_per_epoch(splits: Splits, cfg: DataConfig) -> int:
     """Training batches per epoch (the incomplete last batch is dropped, so every batch has one shape)."""
     steps = len(splits.train) // cfg.batch_size
     if steps == 0:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training split ({len(splits.train)} images)")
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} is larger than the training split ({len(splits.train)} images)"
+        )
     return steps
 
 

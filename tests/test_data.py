@@ -93,7 +93,14 @@ def test_every_config_field_has_a_docstring():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(val_size=-1), dict(batch_size=0), dict(randaugment_m=31), dict(mixup_alpha=-0.1), dict(cutmix_prob=1.5), dict(synthetic_classes=1)],
+    [
+        dict(val_size=-1),
+        dict(batch_size=0),
+        dict(randaugment_m=31),
+        dict(mixup_alpha=-0.1),
+        dict(cutmix_prob=1.5),
+        dict(synthetic_classes=1),
+    ],
 )
 def test_config_rejects_bad_values(overrides):
     with pytest.raises(ValueError):
@@ -157,7 +164,8 @@ def test_cifar_reader_on_tiny_files(tmp_path, name, num_classes):
         index = original_index(part.images)
         assert torch.equal(part.images, expected_images[index])
         assert torch.equal(part.labels, torch.from_numpy(train_labels)[index])
-    assert sorted(torch.cat([original_index(splits.train.images), original_index(splits.val.images)]).tolist()) == list(range(300))
+    traced = torch.cat([original_index(splits.train.images), original_index(splits.val.images)])
+    assert sorted(traced.tolist()) == list(range(300))
     assert torch.equal(splits.test.images, torch.from_numpy(test_rows).view(-1, 3, 32, 32))  # untouched, in order
     assert torch.equal(splits.test.labels, torch.from_numpy(test_labels))
     pixels = train_rows.reshape(-1, 3, 1024).transpose(1, 0, 2).reshape(3, -1) / 255.0
