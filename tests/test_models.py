@@ -1,0 +1,265 @@
+"""Model zoo: stateless forwards, feature shapes, torchvision compatibility, published sizes."""
+
+import functools
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.func import functional_call
+
+from kd.models import ARCHS, STAGES, build_model, feature_shapes, num_parameters
+
+GENERIC = "convnext_tiny"  # the student of the original work, reached through the generic fx path
+NUM_CLASSES = 10
+BATCH = 2
+# The teachers on small inputs keep the whole file fast on CPU; 16x16 still leaves resnet152 a 2x2 layer4.
+IMAGE_SIZE = {"resnet152": 16}
+
+
+@functools.cache
+def _model(arch: str) -> nn.Module:
+    """One instance per arch for the whole file; tests set the mode they need and never load into it."""
+    torch.manual_seed(0)
+    return build_model(arch, NUM_CLASSES)
+
+
+def _images(arch: str, seed: int = 0) -> torch.Tensor:
+    size = IMAGE_SIZE.get(arch, 32)
+    return torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_outputs_equal(got, expected):
+    got_logits, got_features = got
+    expected_logits, expected_features = expected
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-6, rtol=0)
+    assert got_features.keys() == expected_features.keys()
+    for name in expected_features:
+        torch.testing.assert_close(got_features[name], expected_features[name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, GENERIC])
+def test_eval_forward_is_functional_and_matches_feature_shapes(arch):
+    model = _model(arch).eval()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    images = _images(arch)
+    with torch.no_grad():
+        logits, features = model(images)
+        _assert_outputs_equal(functional_call(model, (params, buffers), (images,)), (logits, features))
+    shapes = feature_shapes(model, tuple(images.shape))
+    assert shapes == {"logits": tuple(logits.shape), **{k: tuple(v.shape) for k, v in features.items()}}
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert set(features) == {*STAGES, "pooled"}
+    assert all(features[stage].dim() == 4 for stage in STAGES)
+    assert features["pooled"].shape == (BATCH, features["stage4"].shape[1])
+    spatial = [features[stage].shape[2] * features[stage].shape[3] for stage in STAGES]
+    assert spatial == sorted(spatial, reverse=True), spatial
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, GENERIC])
+def test_functional_forward_matches_module_train(arch):
+    model = _model(arch).train()
+    params = dict(model.named_parameters())
+    initial_buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    functional_buffers = {name: buffer.clone() for name, buffer in initial_buffers.items()}
+    images = _images(arch)
+    with torch.no_grad():
+        torch.manual_seed(1)  # dropout / stochastic depth draw the same numbers in both runs
+        functional_out = functional_call(model, (params, functional_buffers), (images,))
+        torch.manual_seed(1)
+        module_out = model(images)
+    _assert_outputs_equal(functional_out, module_out)
+    # Both started from the same statistics and must have taken the same BatchNorm update; the
+    # functional run updated only the copies it was handed.
+    module_buffers = dict(model.named_buffers())
+    for name, buffer in functional_buffers.items():
+        torch.testing.assert_close(buffer, module_buffers[name], atol=1e-6, rtol=0, msg=name)
+    running_means = [name for name in initial_buffers if name.endswith("running_mean")]
+    assert any(not torch.equal(functional_buffers[n], initial_buffers[n]) for n in running_means) or not running_means
+
+
+def test_stage_shapes_at_32x32():
+    assert feature_shapes(build_model("resnet8x4", 100)) == {
+        "logits": (1, 100),
+        "stage1": (1, 32, 32, 32),
+        "stage2": (1, 64, 32, 32),
+        "stage3": (1, 128, 16, 16),
+        "stage4": (1, 256, 8, 8),
+        "pooled": (1, 256),
+    }
+    assert feature_shapes(_model("resnet152")) == {
+        "logits": (1, NUM_CLASSES),
+        "stage1": (1, 256, 32, 32),
+        "stage2": (1, 512, 16, 16),
+        "stage3": (1, 1024, 8, 8),
+        "stage4": (1, 2048, 4, 4),
+        "pooled": (1, 2048),
+    }
+    assert feature_shapes(_model("efficientnet_b2")) == {
+        "logits": (1, NUM_CLASSES),
+        "stage1": (1, 24, 16, 16),
+        "stage2": (1, 48, 8, 8),
+        "stage3": (1, 120, 4, 4),
+        "stage4": (1, 1408, 2, 2),
+        "pooled": (1, 1408),
+    }
+
+
+def _keys_and_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("arch", ["resnet152", "efficientnet_b2"])
+def test_teacher_is_torchvision_model(arch):
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model(arch, num_classes=NUM_CLASSES).eval()
+    model = build_model(arch, NUM_CLASSES, small_input=False).eval()
+    assert _keys_and_shapes(model) == _keys_and_shapes(reference)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits, features = model(images)
+        torch.testing.assert_close(logits, reference(images), atol=1e-5, rtol=1e-5)
+
+
+def test_small_input_resnet152_keeps_torchvision_keys():
+    small = _model("resnet152")
+    assert isinstance(small.maxpool, nn.Identity) and small.conv1.stride == (1, 1)
+    torch.manual_seed(0)
+    full = torchvision.models.resnet152(num_classes=NUM_CLASSES)
+    small_entries, full_entries = _keys_and_shapes(small), _keys_and_shapes(full)
+    assert [name for name, _ in small_entries] == [name for name, _ in full_entries]
+    differing = {name for (name, shape), (_, full_shape) in zip(small_entries, full_entries) if shape != full_shape}
+    assert differing == {"conv1.weight"}
+    assert small.state_dict()["conv1.weight"].shape == (64, 3, 3, 3)
+    # Everything but the new 3x3 stem loads strictly into the plain torchvision model.
+    full.load_state_dict({**small.state_dict(), "conv1.weight": full.conv1.weight}, strict=True)
+    torch.testing.assert_close(full.layer4[2].conv3.weight, small.layer4[2].conv3.weight, atol=0, rtol=0)
+
+
+def test_small_input_efficientnet_b2_keeps_torchvision_state():
+    small = _model("efficientnet_b2")
+    assert small.features[0][0].stride == (1, 1)
+    reference = torchvision.models.efficientnet_b2(num_classes=NUM_CLASSES)
+    assert _keys_and_shapes(small) == _keys_and_shapes(reference)
+    small_copy = build_model("efficientnet_b2", NUM_CLASSES)
+    small_copy.load_state_dict(reference.state_dict(), strict=True)
+
+
+def test_generic_model_keeps_torchvision_names_and_outputs():
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model(GENERIC, num_classes=NUM_CLASSES).eval()
+    model = _model(GENERIC).eval()
+    assert set(model.state_dict()) == set(reference.state_dict())
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    try:
+        model.load_state_dict(reference.state_dict(), strict=True)
+        images = _images(GENERIC)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images)[0], reference(images), atol=1e-5, rtol=1e-5)
+    finally:
+        model.load_state_dict(saved)
+
+
+# Published sizes for 100 classes (CRD, Tian et al. 2020, and the RepDistiller / mdistiller model code).
+PUBLISHED_MILLIONS = {
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "resnet20": 0.28,
+    "resnet56": 0.86,
+    "wrn_16_2": 0.70,
+    "wrn_40_2": 2.26,
+    "mobilenet_v2": 0.81,
+}
+
+
+@pytest.mark.parametrize("arch", PUBLISHED_MILLIONS)
+def test_parameter_counts_match_published(arch):
+    with torch.device("meta"):
+        model = build_model(arch, 100)
+    assert num_parameters(model) == pytest.approx(PUBLISHED_MILLIONS[arch] * 1e6, rel=0.02)
+
+
+def test_unknown_arch_lists_names_in_one_line():
+    with pytest.raises(ValueError) as error:
+        build_model("resnet9000", NUM_CLASSES)
+    message = str(error.value)
+    assert "\n" not in message and "resnet8x4" in message and "efficientnet_b2" in message and GENERIC in message
+
+
+@pytest.fixture
+def empty_hub(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "arch, filename", [("resnet152", "resnet152-f82ba261.pth"), ("efficientnet_b2", "efficientnet_b2_rwightman-c35c1473.pth")]
+)
+def test_pretrained_offline_raises_clear_error(arch, filename, empty_hub, monkeypatch):
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError) as error:
+        build_model(arch, NUM_CLASSES, pretrained=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--teacher.pretrained False" in message
+    assert str(empty_hub / "checkpoints" / filename) in message
+
+
+@pytest.mark.parametrize("arch", ["resnet152", "efficientnet_b2"])
+def test_pretrained_loads_imagenet_weights_then_adapts(arch, empty_hub, monkeypatch):
+    torch.manual_seed(0)
+    imagenet = torchvision.models.get_model(arch, num_classes=1000)
+
+    def download(url, dst, *args, **kwargs):  # stands in for the real file, without the network
+        torch.save(imagenet.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    model = build_model(arch, NUM_CLASSES, pretrained=True)
+    loaded, expected = model.state_dict(), imagenet.state_dict()
+    head = "fc" if arch == "resnet152" else "classifier.1"
+    assert loaded[f"{head}.weight"].shape[0] == NUM_CLASSES
+    replaced = {f"{head}.weight", f"{head}.bias"} | ({"conv1.weight"} if arch == "resnet152" else set())
+    for name in expected.keys() - replaced:
+        assert torch.equal(loaded[name], expected[name]), name
+    if arch == "resnet152":
+        assert loaded["conv1.weight"].shape == (64, 3, 3, 3)
+    else:  # the stem keeps its ImageNet kernel, only the stride changes
+        assert model.features[0][0].stride == (1, 1)
+
+
+def test_gradients_reach_every_parameter_of_resnet8x4():
+    model = _model("resnet8x4").train()
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    images, labels = _images("resnet8x4"), torch.tensor([1, 7])
+
+    def cross_entropy(params, buffers):  # buffers are an input: the BatchNorm update mutates them
+        logits, _ = functional_call(model, (params, buffers), (images,))
+        return F.cross_entropy(logits, labels)
+
+    grads = torch.func.grad(cross_entropy)(params, buffers)
+    assert grads.keys() == params.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, name
+
+
+def test_functional_forward_traces_as_one_graph():
+    # Dynamo tracing only (every zoo family passes too, but the teachers take ~30 s each on CPU).
+    arch = "resnet8x4"
+    model = _model(arch).eval()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+
+    def forward(params, buffers, images):
+        return functional_call(model, (params, buffers), (images,))
+
+    compiled = torch.compile(forward, fullgraph=True, backend="eager")  # graph breaks raise here
+    images = _images(arch)
+    with torch.no_grad():
+        _assert_outputs_equal(compiled(params, buffers, images), model(images))
