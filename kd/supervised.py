@@ -84,7 +84,7 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
                         device=device, part=part, eval_fn=eval_fn, weight_meta=meta, resume_info=resume_info)
     accuracies = final_report(run, state=result.state, part=part, eval_fn=eval_fn, splits=splits, cfg=cfg,
                               device=device, weight_meta=meta)
-    summary = {"recipe": recipe, "dataset": splits.description, part: model_cfg.arch,
+    summary = {"recipe": recipe, "run_dir": str(run.root), "dataset": splits.description, part: model_cfg.arch,
                "num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "images_per_second": result.images_per_second, **extras.summary, **accuracies}

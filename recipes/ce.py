@@ -33,8 +33,8 @@ CONFIG = CEConfig(
 )
 
 
-def run(cfg: CEConfig) -> dict:
-    return train_classifier(cfg, "ce", cfg.student, part="student", label_smoothing=cfg.label_smoothing,
+def run(cfg: CEConfig, recipe: str = "ce") -> dict:
+    return train_classifier(cfg, recipe, cfg.student, part="student", label_smoothing=cfg.label_smoothing,
                             grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, cfg_type=CEConfig)[1]
 
 

@@ -135,7 +135,7 @@ def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         "test": build_cache(teachers, splits.test, splits, cfg.data, views=1, seed=cfg.seed, device=device,
                             channels_last=cfg.channels_last),
     }
-    summary: dict = {"recipe": recipe, "method": recipe, "dataset": splits.description, "student": cfg.student.arch,
+    summary: dict = {"recipe": recipe, "method": recipe, "run_dir": str(run_dir.root), "dataset": splits.description, "student": cfg.student.arch,
                      "teachers": [cfg.teacher1.arch, cfg.teacher2.arch]}
     for i, name in enumerate(("teacher1", "teacher2")):
         for split in ("val", "test"):

@@ -1,0 +1,138 @@
+"""Every recipe through the real CLI (`python launch.py recipes.X ...`) with a tiny budget on synthetic data,
+and golden losses: the first 5 training steps of each recipe reproduce stored values.
+
+Regenerate the stored values (after an intended change of the math) with
+    KD_UPDATE_GOLDEN=1 pytest tests/test_recipes.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "losses.json"
+UPDATE = os.environ.get("KD_UPDATE_GOLDEN") == "1"
+
+# 80 training images in batches of 16 = exactly 5 steps per epoch.
+TINY = ["--data.name", "synthetic", "--data.synthetic-size", "120", "--data.val-size", "40",
+        "--data.batch-size", "16", "--data.eval-batch-size", "64", "--epochs", "1", "--compile", "False",
+        "--log-every", "1", "--disable-tqdm", "True", "--device", "cpu", "--seed", "0"]
+
+
+def launch(*args, cwd, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "step"][:5]
+
+
+def only_run(out: Path, prefix: str) -> Path:
+    found = [d for d in out.iterdir() if d.name.startswith(prefix)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def check_golden(name: str, losses: list[float]) -> None:
+    assert len(losses) == 5
+    stored = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if UPDATE:
+        stored[name] = losses
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+        return
+    assert name in stored, f"no golden losses for {name}: run with KD_UPDATE_GOLDEN=1"
+    assert losses == pytest.approx(stored[name], rel=1e-4, abs=1e-5), (name, losses, stored[name])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Two tiny fine-tuned teachers (different architectures) shared by the distillation recipes."""
+    work = tmp_path_factory.mktemp("recipes")
+    for arch in ("resnet8", "wrn_16_1"):
+        launch("recipes.teacher", *TINY, "--teacher.arch", arch, "--teacher.pretrained", "False",
+               "--ckpt", f"ck/{arch}.safetensors", "--out-dir", "runs_teacher", "--run-name", arch, cwd=work)
+    return work
+
+
+def test_teacher_golden_and_checkpoint(workdir):
+    run_dir = workdir / "runs_teacher" / "resnet8"
+    check_golden("teacher", step_losses(run_dir))
+    for name in ("config.json", "metrics.jsonl", "summary.json", "last.safetensors", "best.safetensors"):
+        assert (run_dir / name).is_file(), name
+    from kd.checkpoint import load_checkpoint
+    tree, meta = load_checkpoint(workdir / "ck" / "resnet8.safetensors", expect={"arch": "resnet8", "num_classes": 10})
+    assert "conv1.weight" in tree["params"]["teacher"]
+    assert json.loads(meta["config"])["teacher"]["arch"] == "resnet8"
+    assert {"val_acc", "test_acc", "dataset", "small_input", "code_version"} <= set(meta)
+
+
+def test_teacher_reuse_and_overwrite(workdir):
+    proc = launch("recipes.teacher", *TINY, "--teacher.arch", "resnet8", "--teacher.pretrained", "False",
+                  "--ckpt", "ck/resnet8.safetensors", "--out-dir", "runs_reuse", cwd=workdir)
+    assert "reusing it, training skipped" in proc.stdout
+    assert not (workdir / "runs_reuse").exists()
+    copy = workdir / "ck" / "copy.safetensors"
+    copy.write_bytes((workdir / "ck" / "resnet8.safetensors").read_bytes())
+    before = copy.stat().st_mtime_ns
+    proc = launch("recipes.teacher", *TINY, "--teacher.arch", "resnet8", "--teacher.pretrained", "False",
+                  "--ckpt", str(copy), "--overwrite", "True", "--out-dir", "runs_overwrite", cwd=workdir)
+    assert "removing" in proc.stdout and copy.stat().st_mtime_ns != before
+    assert (workdir / "runs_overwrite").is_dir()
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("ce", []),
+    ("kd", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
+    ("at", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
+    ("fitnet", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
+    ("ibkd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
+              "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2",
+              "--stage-a.batch-size", "16", "--mbm.z-dim", "32"]),
+])
+def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
+    teacher = [] if recipe in ("ce", "ibkd") else ["--teacher.arch", "resnet8", "--teacher.pretrained", "False"]
+    if recipe == "ibkd":
+        teacher = ["--teacher1.arch", "resnet8", "--teacher1.pretrained", "False"]
+    out = workdir / f"runs_{recipe}"
+    proc = launch(f"recipes.{recipe}", *TINY, "--student.arch", "resnet8", *teacher, *extra, "--out-dir", str(out),
+                  cwd=workdir)
+    run_dir = only_run(out, recipe)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("last_test_acc", "best_test_acc", "ema_best_test_acc", "best_val_acc"):
+        assert 0.0 <= summary[key] <= 100.0, key
+    assert "| best |" in proc.stdout
+    check_golden(recipe, step_losses(run_dir))
+    if recipe == "ibkd":
+        assert {"teacher1_test_acc", "teacher2_test_acc", "synergy_val_acc", "synergy_test_acc"} <= set(summary)
+        assert (run_dir / "mbm_stage1.safetensors").is_file()
+    if recipe == "fitnet":  # the regressor is saved with the student
+        from kd.checkpoint import load_checkpoint
+        tree, _ = load_checkpoint(run_dir / "best.safetensors")
+        assert tree["params"]["regressor"]["weight"].shape == (16, 16, 1, 1)  # resnet8 stage2 (16 ch) -> resnet8 stage2
+
+
+def test_report_over_runs(workdir):
+    proc = launch("recipes.report", str(workdir / "runs_teacher"), "--out", "rep", cwd=workdir)
+    assert "| teacher |" in proc.stdout
+    assert (workdir / "rep" / "report.csv").read_text().count("\n") == 3  # header + 2 teacher runs
+    assert (workdir / "rep" / "report.png").stat().st_size > 1000
+
+
+def test_wrong_teacher_checkpoint_is_one_clear_line(workdir):
+    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet20",
+                  "--teacher.pretrained", "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--out-dir", "runs_bad",
+                  cwd=workdir, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "arch=resnet8" in lines[0] and "arch=resnet20" in lines[0] and "Traceback" not in proc.stderr
