@@ -48,11 +48,17 @@ class Extras:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(cfg: RunConfig, recipe: str, cfg_type: type) -> tuple[RunConfig, torch.device, Splits, Run]:
+def resolve_resume(cfg: RunConfig) -> RunConfig:
+    """With ``--resume RUN_DIR``: the run's saved config, keeping only this invocation's bookkeeping fields."""
+    if not cfg.resume:
+        return cfg
+    saved = load_run_config(type(cfg), cfg.resume)
+    return dataclasses.replace(saved, resume=cfg.resume, disable_tqdm=cfg.disable_tqdm)
+
+
+def prepare(cfg: RunConfig, recipe: str) -> tuple[RunConfig, torch.device, Splits, Run]:
     """Resolve ``--resume``, the device, the data and the run directory."""
-    if cfg.resume:
-        saved = load_run_config(cfg_type, cfg.resume)
-        cfg = dataclasses.replace(saved, resume=cfg.resume, disable_tqdm=cfg.disable_tqdm)
+    cfg = resolve_resume(cfg)
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)
@@ -94,9 +100,9 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
 
 
 def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, part: str, label_smoothing: float,
-                     grad_clip_norm: float, ema: bool, cfg_type: type) -> tuple[Run, dict[str, Any]]:
-    """Plain supervised training (teacher fine-tuning, CE baseline)."""
-    cfg, device, splits, run = prepare(cfg, recipe, cfg_type)
+                     grad_clip_norm: float, ema: bool) -> tuple[Run, dict[str, Any]]:
+    """Plain supervised training (teacher fine-tuning, CE baseline); ``cfg`` already resume-resolved."""
+    cfg, device, splits, run = prepare(cfg, recipe)
     net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     summary = train_network(cfg, recipe, run, splits, device, net, model_cfg, part=part,
                             loss_fn=classifier_loss(net, part, label_smoothing), grad_clip_norm=grad_clip_norm,

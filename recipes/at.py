@@ -10,7 +10,7 @@ import kernels
 from kd.errors import ConfigError
 from kd.modeling import build_net
 from kd.step import apply_model, mixed_cross_entropy
-from kd.supervised import Extras, prepare, train_network
+from kd.supervised import Extras, prepare, resolve_resume, train_network
 
 from ._cli import parse
 from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
@@ -53,8 +53,9 @@ def attention_loss(student, teacher, cfg: ATConfig):
 
 
 def run(cfg: ATConfig, recipe: str = "at") -> dict:
+    cfg = resolve_resume(cfg)
     ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe, type(cfg))
+    cfg, device, splits, run_dir = prepare(cfg, recipe)
     teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     from kd.models import feature_shapes

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from kd.config import ModelConfig, RunConfig
 from kd.data import DataConfig
 from kd.optim import OptimConfig
-from kd.supervised import train_classifier
+from kd.supervised import resolve_resume, train_classifier
 
 from ._cli import parse
 
@@ -34,8 +34,9 @@ CONFIG = CEConfig(
 
 
 def run(cfg: CEConfig, recipe: str = "ce") -> dict:
+    cfg = resolve_resume(cfg)
     return train_classifier(cfg, recipe, cfg.student, part="student", label_smoothing=cfg.label_smoothing,
-                            grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, cfg_type=CEConfig)[1]
+                            grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema)[1]
 
 
 def main(argv=None, prog="launch.py recipes.ce"):

@@ -16,7 +16,7 @@ from kd.losses import fitnet_hint
 from kd.models import feature_shapes
 from kd.modeling import build_net
 from kd.step import apply_model, call_stateless, mixed_cross_entropy
-from kd.supervised import Extras, prepare, train_network
+from kd.supervised import Extras, prepare, resolve_resume, train_network
 
 from ._cli import parse
 from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
@@ -56,8 +56,9 @@ def hint_loss(student, teacher, regressor: nn.Module, cfg: FitNetConfig):
 
 
 def run(cfg: FitNetConfig, recipe: str = "fitnet") -> dict:
+    cfg = resolve_resume(cfg)
     ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe, type(cfg))
+    cfg, device, splits, run_dir = prepare(cfg, recipe)
     teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     student_channels = feature_shapes(student.eval_skeleton)[cfg.hint_stage][1]

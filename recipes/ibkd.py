@@ -23,7 +23,7 @@ from kd.modeling import build_net
 from kd.optim import adamw, build_optimizer, lr_schedule
 from kd.run import final_report, load_train_state, say, train_loop
 from kd.step import compile_step, init_state, make_eval_fn, make_train_step, read_metrics
-from kd.supervised import constant, prepare, print_accuracy_table
+from kd.supervised import constant, prepare, print_accuracy_table, resolve_resume
 
 from ._cli import parse
 from ._distill import STUDENT_DATA, STUDENT_OPTIM, ensure_teacher, load_teacher
@@ -116,9 +116,10 @@ def run_stage_a(cfg: IBKDConfig, run_dir, stage: int, mbm_train: MBM, mbm_eval: 
 
 
 def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
+    cfg = resolve_resume(cfg)
     ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs)
     ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe, IBKDConfig)
+    cfg, device, splits, run_dir = prepare(cfg, recipe)
     say(f"run {run_dir.root}  |  {splits.description}  |  teachers {cfg.teacher1.arch} + {cfg.teacher2.arch}  |  "
         f"student {cfg.student.arch}  |  device {device}")
     t0 = time.perf_counter()
@@ -135,8 +136,8 @@ def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         "test": build_cache(teachers, splits.test, splits, cfg.data, views=1, seed=cfg.seed, device=device,
                             channels_last=cfg.channels_last),
     }
-    summary: dict = {"recipe": recipe, "method": recipe, "run_dir": str(run_dir.root), "dataset": splits.description, "student": cfg.student.arch,
-                     "teachers": [cfg.teacher1.arch, cfg.teacher2.arch]}
+    summary: dict = {"recipe": recipe, "method": recipe, "run_dir": str(run_dir.root), "dataset": splits.description,
+                     "student": cfg.student.arch, "teachers": [cfg.teacher1.arch, cfg.teacher2.arch]}
     for i, name in enumerate(("teacher1", "teacher2")):
         for split in ("val", "test"):
             logits, labels = caches[split].logits[0][i], caches[split].labels

@@ -9,7 +9,7 @@ import torch
 from kd.losses import hinton_kd
 from kd.modeling import build_net
 from kd.step import apply_model, mixed_cross_entropy
-from kd.supervised import Extras, prepare, train_network
+from kd.supervised import Extras, prepare, resolve_resume, train_network
 
 from ._cli import parse
 from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
@@ -43,8 +43,9 @@ def hinton_loss(student, teacher, cfg: KDConfig):
 
 
 def run(cfg: KDConfig, recipe: str = "kd") -> dict:
+    cfg = resolve_resume(cfg)
     ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe, type(cfg))
+    cfg, device, splits, run_dir = prepare(cfg, recipe)
     teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     extras = Extras(frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},

@@ -12,7 +12,7 @@ from kd.config import ModelConfig, RunConfig, to_dict
 from kd.data import DataConfig
 from kd.optim import OptimConfig
 from kd.run import say
-from kd.supervised import train_classifier
+from kd.supervised import resolve_resume, train_classifier
 
 from ._cli import parse
 
@@ -43,6 +43,7 @@ CONFIG = TeacherConfig(
 
 
 def run(cfg: TeacherConfig) -> dict:
+    cfg = resolve_resume(cfg)
     ckpt = Path(cfg.ckpt)
     if ckpt.exists() and not cfg.resume:
         if not cfg.overwrite:
@@ -54,7 +55,7 @@ def run(cfg: TeacherConfig) -> dict:
         ckpt.unlink()
     run_dir, summary = train_classifier(cfg, "teacher", cfg.teacher, part="teacher",
                                         label_smoothing=cfg.label_smoothing, grad_clip_norm=cfg.grad_clip_norm,
-                                        ema=cfg.ema, cfg_type=TeacherConfig)
+                                        ema=cfg.ema)
     tree, meta = load_checkpoint(run_dir.path("best.safetensors"))
     meta = {k: v for k, v in meta.items() if k not in ("format", "code_version")}
     meta.update({"config": to_dict(cfg), "val_acc": summary["best_val_acc"], "test_acc": summary["best_test_acc"]})

@@ -1,0 +1,199 @@
+"""IB-KD and baseline loss terms against hand-written formulas, gradients, determinism, the stage-A cache."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kd import tree as T
+from kd.config import ModelConfig
+from kd.data import DataConfig, load_splits
+from kd.ibkd import (StageBConfig, StageBParts, augmented_view, build_cache, cached_batches, stage_a_loss,
+                     stage_b_loss, stage_b_reference_loss, teacher_outputs)
+from kd.losses import clip_threshold, feature_alignment, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
+from kd.mbm import MBM, MBMConfig, ProjectionHead
+from kd.modeling import build_net
+from kd.step import mixed_cross_entropy
+from recipes.ibkd import stage_boundaries
+
+
+def test_hinton_kd_hand_computed():
+    s = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.0, 3.0, 1.0]])
+    T_ = 4.0
+    p = [math.exp(v / T_) for v in t[0]]
+    p = [v / sum(p) for v in p]
+    q = [math.exp(v / T_) for v in s[0]]
+    q = [v / sum(q) for v in q]
+    want = T_**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert float(hinton_kd(s, t, T_)) == pytest.approx(want, rel=1e-6)
+
+
+def test_attention_transfer_hand_computed():
+    # Student (1, 2, 2, 2) and teacher (1, 3, 2, 2): A = normalize(mean_c f^2) over 4 positions.
+    fs = torch.arange(8.0).view(1, 2, 2, 2)
+    ft = torch.ones(1, 3, 2, 2)
+    a_s = (fs**2).mean(1).flatten()
+    a_s = a_s / a_s.norm()
+    a_t = torch.full((4,), 0.5)
+    want = float(((a_s - a_t) ** 2).mean())
+    assert float(kernels.attention_transfer_loss([fs], [ft])) == pytest.approx(want, rel=1e-6)
+
+
+def test_fitnet_hint_pools_to_teacher_and_reaches_regressor():
+    reg = nn.Conv2d(2, 3, 1)
+    fs = torch.randn(2, 2, 8, 8, requires_grad=True)
+    ft = torch.randn(2, 3, 4, 4)
+    loss = fitnet_hint(reg(fs), ft)
+    want = F.mse_loss(F.adaptive_avg_pool2d(reg(fs), 4), ft)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    loss.backward()
+    assert reg.weight.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0
+
+
+def test_stage_b_schedules():
+    r = torch.tensor
+    assert float(kd_ramp(r(0.03), 0.03, 1.0)) == 0.0
+    assert float(kd_ramp(r(1.0), 0.03, 1.0)) == pytest.approx(1.0)
+    p = float(kd_ramp(r(0.515), 0.03, 1.0))
+    assert p == pytest.approx(0.5)
+    assert float(lerp(0.3, 0.6, r(p))) == pytest.approx(0.45) and float(lerp(6, 2.5, r(p))) == pytest.approx(4.25)
+    assert float(latent_weight(r(0.29), 0.8)) == 0.0 and float(latent_weight(r(1.0), 0.8)) == pytest.approx(0.8)
+    assert float(latent_weight(r(0.65), 0.8)) == pytest.approx(0.4)
+    assert float(clip_threshold(r(0.4), 1.0, 0.0, 0.5)) == 1.0
+    assert float(clip_threshold(r(0.75), 1.0, 0.0, 0.5)) == pytest.approx(0.5)
+    assert float(clip_threshold(r(1.0), 1.0, 0.0, 0.5)) == 0.0  # 0 = clipping off downstream, not clip-to-zero
+
+
+def test_stage_boundaries_split_epochs():
+    assert stage_boundaries(90, 1) == [(0, 90)]
+    assert stage_boundaries(10, 3) == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_ib_student_loss_matches_spec_formula():
+    torch.manual_seed(0)
+    n, z, k = 6, 8, 5
+    z_s = F.normalize(torch.randn(n, z), dim=1)
+    mu, logvar = torch.randn(n, z), torch.randn(n, z).clamp(-6, 2)
+    logits, synergy = torch.randn(n, k), torch.randn(n, k)
+    batch = {"y_a": torch.randint(0, k, (n,)), "y_b": torch.randint(0, k, (n,)), "lam": torch.tensor(0.3)}
+    temperature = torch.tensor(3.0)
+    got = kernels.ib_student_loss(z_s, mu, logvar, kernels.precision_clamp_value(logvar), logits, synergy,
+                                  batch["y_a"], batch["y_b"], batch["lam"], temperature, label_smoothing=0.05)
+    want = stage_b_reference_loss(z_s, mu, logvar, logits, synergy, batch, temperature, 0.05)
+    for g, w in zip(got, want):
+        assert float(g) == pytest.approx(float(w), rel=1e-5)
+
+
+def test_mbm_is_deterministic_in_eval_and_samples_in_training():
+    torch.manual_seed(0)
+    mbm = MBM(MBMConfig(z_dim=16), (12, 8), 5)
+    f1, f2 = torch.randn(4, 12), torch.randn(4, 8)
+    mbm.eval()
+    a, b = mbm(f1, f2), mbm(f1, f2)
+    assert torch.equal(a["z"], a["mu"]) and torch.equal(a["logits"], b["logits"])
+    mbm.train()
+    eps = torch.randn(4, 16)
+    out = mbm(f1, f2, eps)
+    torch.testing.assert_close(out["z"], out["mu"] + eps * torch.exp(0.5 * out["logvar"]))
+    kl = (-0.5 * (1 + out["logvar"] - out["mu"] ** 2 - out["logvar"].exp())).sum(1)
+    torch.testing.assert_close(out["kl"], kl)
+    assert out["logvar"].min() >= -6 and out["logvar"].max() <= 2
+    # gate starts at sigmoid(0) = 0.5; the vib variant concatenates
+    assert float(torch.sigmoid(mbm.gate).mean()) == 0.5
+    vib = MBM(MBMConfig(kind="vib", z_dim=16), (12, 8), 5)
+    assert vib.mu.in_features == 20
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    data_cfg = DataConfig(name="synthetic", synthetic_size=64, val_size=16, batch_size=16, eval_batch_size=32,
+                          prefetch=False)
+    splits = load_splits(data_cfg, seed=0)
+    device = torch.device("cpu")
+    teachers = tuple(build_net(ModelConfig(arch=a), splits.num_classes, device, seed=i)
+                     for i, a in enumerate(("resnet8", "wrn_16_1")))
+    return data_cfg, splits, device, teachers
+
+
+def test_stage_a_cached_features_equal_recomputed(tiny_setup):
+    data_cfg, splits, device, teachers = tiny_setup
+    cache = build_cache(teachers, splits.train, splits, data_cfg, views=2, seed=0, device=device)
+    mbm = MBM(MBMConfig(z_dim=8), (64, 64), splits.num_classes).train()
+    params = {"mbm": dict(mbm.named_parameters())}
+    loss_fn = stage_a_loss(mbm, beta=1e-3)
+    batch = next(cached_batches(cache, 16, seed=0, epoch=0))
+    # The same images and views, recomputed through the teachers.
+    generator = torch.Generator().manual_seed(0 * 7919 + 0)
+    order = torch.randperm(len(cache.labels), generator=generator)
+    views = torch.randint(0, 2, (len(cache.labels),), generator=generator)
+    index, view = order[:16], views[:16]
+    from kd.data import _normalize, _stats_on
+    mean, std = _stats_on(splits, device)
+    f1, f2 = [], []
+    for i, v in zip(index.tolist(), view.tolist()):
+        image = augmented_view(splits.train, v, seed=0).images[i:i + 1]
+        _, pooled, _ = teacher_outputs(teachers, _normalize(image, mean, std))
+        f1.append(pooled[0]), f2.append(pooled[1])
+    recomputed = {**batch, "f1": torch.cat(f1), "f2": torch.cat(f2)}
+    torch.testing.assert_close(batch["f1"], recomputed["f1"], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    cached_loss = loss_fn(params, {}, {}, batch, torch.tensor(0))[0]
+    torch.manual_seed(5)
+    recomputed_loss = loss_fn(params, {}, {}, recomputed, torch.tensor(0))[0]
+    assert float(cached_loss) == pytest.approx(float(recomputed_loss), rel=1e-5)
+    assert views.unique().numel() == 2  # both views are used
+
+
+def _stage_b(tiny_setup, gamma):
+    data_cfg, splits, device, teachers = tiny_setup
+    torch.manual_seed(0)
+    student = build_net(ModelConfig(arch="resnet8"), splits.num_classes, device, seed=3)
+    mbm = MBM(MBMConfig(z_dim=8), (64, 64), splits.num_classes).eval()
+    projection = ProjectionHead(64, 8, hidden=16).train()
+    adapters = (nn.Conv2d(64, 64, 1), nn.Conv2d(64, 64, 1))
+    parts = StageBParts(student, projection, teachers, mbm, adapters, 8)
+    params = {"student": student.params, "projection": dict(projection.named_parameters()),
+              "adapters": {"teacher1": dict(adapters[0].named_parameters()), "teacher2": dict(adapters[1].named_parameters())}}
+    buffers = {"student": student.buffers, "projection": dict(projection.named_buffers()), "adapters": {}}
+    frozen = {"teacher1": {"params": teachers[0].params, "buffers": teachers[0].buffers},
+              "teacher2": {"params": teachers[1].params, "buffers": teachers[1].buffers},
+              "mbm": dict(mbm.named_parameters())}
+    loss_fn = stage_b_loss(parts, StageBConfig(gamma=gamma), total_steps=100)
+    from kd.data import train_batches
+    batch = next(train_batches(splits, data_cfg, seed=0, epoch=0))
+    return loss_fn, params, buffers, frozen, batch
+
+
+def test_feature_term_gradient_reaches_student(tiny_setup):
+    with_feat, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=1.0)
+    without_feat = _stage_b(tiny_setup, gamma=0.0)[0]
+    params = T.detach(params)
+
+    def grads_of(loss_fn):
+        return torch.func.grad(lambda p: loss_fn(p, buffers, frozen, batch, torch.tensor(0))[0])(params)
+
+    g1, g0 = grads_of(with_feat), grads_of(without_feat)
+    # The original's feature term had zero gradient; here it changes the student's gradient.
+    diff = (g1["student"]["layer3.0.conv1.weight"] - g0["student"]["layer3.0.conv1.weight"]).abs().max()
+    assert diff > 1e-8
+    assert g1["adapters"]["teacher1"]["weight"].abs().sum() > 0 and g1["adapters"]["teacher2"]["weight"].abs().sum() > 0
+    assert float(with_feat(params, buffers, frozen, batch, torch.tensor(0))[1][1]["feat"]) > 0
+
+
+def test_stage_b_loss_is_the_weighted_sum(tiny_setup):
+    loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0)
+    step = torch.tensor(80)  # r = 80/99: KD ramp and latent weight both active
+    loss, (new_buffers, m) = loss_fn(params, buffers, frozen, batch, step)
+    r = 80 / 99
+    p = (r - 0.03) / 0.97
+    alpha_kd, lam_lat = 0.3 + 0.3 * p, 0.8 * (r - 0.3) / 0.7
+    assert float(m["alpha_kd"]) == pytest.approx(alpha_kd, rel=1e-5)
+    assert float(m["temperature"]) == pytest.approx(6 - 3.5 * p, rel=1e-5)
+    want = float(m["ce"]) + alpha_kd * float(m["kd"]) + lam_lat * float(m["latent"])
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert not torch.equal(new_buffers["projection"]["bn1.running_mean"], buffers["projection"]["bn1.running_mean"])

@@ -1,0 +1,55 @@
+"""A run stopped after an epoch and resumed with --resume ends exactly where an uninterrupted run ends."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import kd.run
+from kd import tree as T
+from kd.checkpoint import load_checkpoint
+from kd.config import ModelConfig
+from kd.data import DataConfig
+from recipes import ce
+
+
+def _config(tmp_path, name):
+    return dataclasses.replace(
+        ce.CONFIG, student=ModelConfig(arch="resnet8"), epochs=3, compile=False, device="cpu", disable_tqdm=True,
+        data=DataConfig(name="synthetic", synthetic_size=96, val_size=32, batch_size=32, mixup_alpha=0.2,
+                        cutmix_alpha=0.5, prefetch=False),
+        out_dir=str(tmp_path), run_name=name, log_every=1)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    ce.run(_config(tmp_path, "straight"))
+
+    original_save = kd.run.save_train_state
+    saves = {"n": 0}
+
+    def save_then_crash(*args, **kwargs):
+        original_save(*args, **kwargs)
+        saves["n"] += 1
+        if saves["n"] == 1:
+            raise KeyboardInterrupt  # as if the machine went away after epoch 1's checkpoint
+
+    monkeypatch.setattr(kd.run, "save_train_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        ce.run(_config(tmp_path, "interrupted"))
+    torch.manual_seed(12345)  # the resumed process starts with a different RNG state
+    ce.run(dataclasses.replace(ce.CONFIG, resume=str(tmp_path / "interrupted"), disable_tqdm=True))
+
+    straight = T.flatten(load_checkpoint(tmp_path / "straight" / "last.safetensors")[0]["state"])
+    resumed = T.flatten(load_checkpoint(tmp_path / "interrupted" / "last.safetensors")[0]["state"])
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    epochs = [line for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert len(epochs) == 3
+
+
+def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
+    from kd.errors import ConfigError
+    with pytest.raises(ConfigError, match="config.json does not exist"):
+        ce.run(dataclasses.replace(ce.CONFIG, resume=str(tmp_path / "nope")))
