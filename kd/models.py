@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import math
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-__all__ = ["ARCHS", "build_model", "feature_shapes", "num_parameters"]
+__all__ = ["ARCHS", "STAGES", "build_model", "feature_shapes", "num_parameters"]
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 Features = dict[str, torch.Tensor]
@@ -189,8 +190,14 @@ class InvertedResidual(nn.Module):
 
 
 class CifarMobileNetV2(nn.Module):
+    """``stem_stride=1`` keeps 32x32 through the first two groups (head map 4x4). CRD / mdistiller's
+    ``mobile_half``, behind the published tables, uses a stride-2 stem (head map 2x2); pass
+    ``stem_stride=2`` to reproduce it exactly. The parameter count is the same either way."""
+
     # (expansion, channels, blocks, stride) of MobileNetV2, channels before the width multiplier
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)
+    )
 
     def __init__(self, num_classes: int, width_mult: float = 0.5, stem_stride: int = 1, head_channels: int = 1280):
         super().__init__()
@@ -273,15 +280,15 @@ class EfficientNetFeatures(nn.Module):
         # A block ends a resolution group when the next one downsamples; the conv head ends the last.
         blocks = list(self.features)
         group_ends = [i for i in range(1, len(blocks) - 1) if _downsamples(blocks[i + 1])] + [len(blocks) - 1]
-        self.stage_indices = tuple(group_ends[-4:])  # (2, 3, 5, 8) for B0-B7
+        self.stage_of_block = dict(zip(group_ends[-4:], STAGES))  # blocks 2, 3, 5, 8 for B0-B7
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Features]:
         features: Features = {}
         x = images
         for index, block in enumerate(self.features):
             x = block(x)
-            if index in self.stage_indices:
-                features[STAGES[self.stage_indices.index(index)]] = x
+            if index in self.stage_of_block:
+                features[self.stage_of_block[index]] = x
         features["pooled"] = torch.flatten(self.avgpool(x), 1)  # (N, 1408) for B2
         return self.classifier(features["pooled"]), features
 
@@ -333,10 +340,14 @@ def _locate_generic_features(nodes: list[_TracedNode]) -> dict[str, str]:
         raise ValueError("cannot locate the pooled vector feeding the classifier")
     located[nodes[pooled].name] = "pooled"
 
-    # "Spatial extent > 1" read from sizes, not from dims: ConvNeXt's head permutes to (N, 1, 1, C).
-    stage4 = max(i for i in range(pooled) if len(nodes[i].shape) == 4 and _per_sample(nodes[i].shape) > nodes[pooled].shape[1])
+    # "Spatial extent > 1" is read from sizes, not dims: ConvNeXt's head permutes to (N, 1, 1, C).
+    pooled_dim = nodes[pooled].shape[1]
+    maps = [i for i in range(pooled) if len(nodes[i].shape) == 4 and _per_sample(nodes[i].shape) > pooled_dim]
+    if not maps:
+        return located
+    stage4 = maps[-1]
     _, channels, height, width = nodes[stage4].shape
-    only_pooling = nodes[pooled].shape[1] == channels and all(
+    only_pooling = pooled_dim == channels and all(
         len(node.shape) == 4 and _per_sample(node.shape) in (channels, channels * height * width)
         for node in nodes[stage4 + 1 : pooled]
     )
@@ -347,10 +358,7 @@ def _locate_generic_features(nodes: list[_TracedNode]) -> dict[str, str]:
 
 
 def _per_sample(shape: tuple[int, ...]) -> int:
-    size = 1
-    for dim in shape[1:]:
-        size *= dim
-    return size
+    return math.prod(shape[1:])
 
 
 def _resolution_group_ends(nodes: list[_TracedNode], stage4: int) -> list[int] | None:
@@ -488,7 +496,8 @@ def build_model(arch: str, num_classes: int, *, small_input: bool = True, pretra
 def feature_shapes(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, tuple[int, ...]]:
     """Shape of ``logits`` and of every feature, from a forward on the meta device (no compute).
 
-    The forward runs in the model's current mode; the model's own tensors are not touched.
+    The forward runs in the model's current mode and never touches the model's own tensors. In train
+    mode BatchNorm wants more than one value per channel: use an eval-mode skeleton or N > 1.
     """
     logits, features = _meta_forward(model, input_shape)
     return {"logits": tuple(logits.shape), **{name: tuple(value.shape) for name, value in features.items()}}

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 import torchvision
 from torch.func import functional_call
 
-from kd.models import ARCHS, STAGES, build_model, feature_shapes, num_parameters
+from kd.models import ARCHS, STAGES, _locate_generic_features, _TracedNode, build_model, feature_shapes, num_parameters
 
 GENERIC = "convnext_tiny"  # the student of the original work, reached through the generic fx path
 NUM_CLASSES = 10
 BATCH = 2
-# The teachers on small inputs keep the whole file fast on CPU; 16x16 still leaves resnet152 a 2x2 layer4.
-IMAGE_SIZE = {"resnet152": 16}
+# 16x16 images keep the file fast on CPU and still leave every net a stage4 with BatchNorm statistics
+# over more than one value; ConvNeXt's 4x4 patchify and three 2x2 downsamplings need 32x32.
+IMAGE_SIZE = {GENERIC: 32}
 
 
 @functools.cache
@@ -27,7 +28,7 @@ def _model(arch: str) -> nn.Module:
 
 
 def _images(arch: str, seed: int = 0) -> torch.Tensor:
-    size = IMAGE_SIZE.get(arch, 32)
+    size = IMAGE_SIZE.get(arch, 16)
     return torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -163,6 +164,42 @@ def test_generic_model_keeps_torchvision_names_and_outputs():
         model.load_state_dict(saved)
 
 
+def test_generic_locator_finds_stages_of_a_conv_trunk_and_only_pooled_for_tokens():
+    conv_net = [  # ResNet-like graph at 224x224: the stem, then layer1..4, with a block-internal node
+        _TracedNode("conv1", (2, 64, 112, 112)),
+        _TracedNode("maxpool", (2, 64, 56, 56)),
+        _TracedNode("layer1.0.relu", (2, 64, 56, 56)),
+        _TracedNode("layer2.0.conv1", (2, 128, 56, 56)),
+        _TracedNode("layer2.0.relu", (2, 128, 28, 28)),
+        _TracedNode("layer3.0.relu", (2, 256, 14, 14)),
+        _TracedNode("layer4.0.relu", (2, 512, 7, 7)),
+        _TracedNode("avgpool", (2, 512, 1, 1)),
+        _TracedNode("flatten", (2, 512)),
+        _TracedNode("fc", (2, 10)),
+    ]
+    assert _locate_generic_features(conv_net) == {
+        "fc": "logits",
+        "flatten": "pooled",
+        "layer1.0.relu": "stage1",
+        "layer2.0.relu": "stage2",
+        "layer3.0.relu": "stage3",
+        "layer4.0.relu": "stage4",
+    }
+    vision_transformer = [  # patch embedding, then tokens: no map is pooled into the class vector
+        _TracedNode("conv_proj", (2, 768, 14, 14)),
+        _TracedNode("reshape", (2, 768, 196)),
+        _TracedNode("encoder.ln", (2, 197, 768)),
+        _TracedNode("getitem", (2, 768)),
+        _TracedNode("heads.head", (2, 10)),
+    ]
+    assert _locate_generic_features(vision_transformer) == {"heads.head": "logits", "getitem": "pooled"}
+
+
+def test_generic_model_without_a_pooled_vector_is_refused():
+    with pytest.raises(ValueError, match="squeezenet1_0: .*not supported"):
+        build_model("squeezenet1_0", NUM_CLASSES)
+
+
 # Published sizes for 100 classes (CRD, Tian et al. 2020, and the RepDistiller / mdistiller model code).
 PUBLISHED_MILLIONS = {
     "resnet8x4": 1.23,
@@ -196,7 +233,8 @@ def empty_hub(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch, filename", [("resnet152", "resnet152-f82ba261.pth"), ("efficientnet_b2", "efficientnet_b2_rwightman-c35c1473.pth")]
+    "arch, filename",
+    [("resnet152", "resnet152-f82ba261.pth"), ("efficientnet_b2", "efficientnet_b2_rwightman-c35c1473.pth")],
 )
 def test_pretrained_offline_raises_clear_error(arch, filename, empty_hub, monkeypatch):
     def offline(url, dst, *args, **kwargs):
