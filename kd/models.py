@@ -14,9 +14,14 @@ statistics of the buffers it is given; dropout / stochastic depth draw from the 
 mode). Parameter names follow torchvision: the teachers' ``state_dict`` keys are exactly
 torchvision's, so a torchvision checkpoint loads with ``strict=True``.
 
-Stage maps of generic torchvision classifiers are located on the traced graph (see
-``_locate_generic_features``); where the architecture has no such conv trunk (ViT, VGG, DenseNet,
-SqueezeNet, ...) only ``pooled`` is returned. ``feature_shapes`` tells which features a model has.
+Registry names (``ARCHS``) win over torchvision's: ``mobilenet_v2`` is the CIFAR student, not
+torchvision's ImageNet MobileNetV2. Other torchvision classifiers keep torchvision's module; the ResNet and
+EfficientNet families get the same small-input surgery and stages as the teachers, the rest is traced with
+torch.fx and its stage maps are located on the graph (``_locate_generic_features``; ConvNeXt, MobileNetV3,
+RegNet, ShuffleNetV2, MNASNet). Where no conv trunk is pooled into the classifier (ViT, Swin, VGG,
+DenseNet) only ``pooled`` is returned; ``feature_shapes`` tells which features a model has. Nets whose
+traced graph drops parameters (GoogLeNet, Inception v3, MaxViT) or that have no pooled vector before the
+classifier (SqueezeNet) are refused with a ValueError.
 """
 
 from __future__ import annotations
