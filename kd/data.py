@@ -55,6 +55,9 @@ class DataConfig:
     /usr/share/datasets/fashion-mnist for Fashion-MNIST)."""
     val_size: int = 5000
     """Images held out of the training set for validation (seeded split; the test set is untouched)."""
+    split_seed: int = 0
+    """Seed of the validation split. Fixed by default so that teachers and the students of every run seed
+    hold out the same images (no teacher has trained on a student's validation set); -1 = the run seed."""
     train_subset: int = 0
     """Train on only the first N images of the shuffled remaining training set (0 = all; budgeted runs)."""
     batch_size: int = 128
@@ -395,7 +398,8 @@ def _take(data: Dataset, index: Tensor) -> Dataset:
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Train / validation / test splits of `cfg.name`. Validation is held out of the training set by a
-    permutation seeded from `seed`; `train_subset` then keeps the first N shuffled remaining images."""
+    permutation seeded from `cfg.split_seed` (or `seed` when that is -1); `train_subset` then keeps the
+    first N shuffled remaining images."""
     if cfg.name in _CIFAR:
         pool, test = _read_cifar(cfg.name, cfg.root)
         num_classes, title = _CIFAR[cfg.name]["num_classes"], _CIFAR[cfg.name]["title"]
@@ -410,7 +414,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
     if cfg.val_size >= len(pool):
         raise ValueError(f"data.val_size={cfg.val_size} leaves no training images ({title} has {len(pool)})")
-    order = torch.randperm(len(pool), generator=_torch_generator(seed, _STREAM_SPLIT))
+    split_seed = seed if cfg.split_seed < 0 else cfg.split_seed
+    order = torch.randperm(len(pool), generator=_torch_generator(split_seed, _STREAM_SPLIT))
     val_index, train_index = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_subset:
         if cfg.train_subset > len(train_index):

@@ -27,6 +27,7 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -
     say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
     base = teacher.CONFIG
     data = dataclasses.replace(base.data, name=cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
+                               split_seed=cfg.data.split_seed,
                                train_subset=cfg.data.train_subset, synthetic_size=cfg.data.synthetic_size,
                                synthetic_classes=cfg.data.synthetic_classes, batch_size=cfg.data.batch_size,
                                eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)

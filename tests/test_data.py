@@ -309,9 +309,12 @@ def test_validation_split_is_disjoint_seeded_and_leaves_test_alone():
     assert torch.equal(splits.test.images, make_synthetic(75, 10, part=1).images)
 
     same = load_splits(cfg, seed=0)
-    other = load_splits(cfg, seed=1)
     assert torch.equal(same.val.images, splits.val.images)
-    assert set(image_keys(other.val.images)) != set(val_keys)
+    # The split follows split_seed (fixed by default, so every run seed shares it), or the run seed at -1.
+    assert torch.equal(load_splits(cfg, seed=1).val.images, splits.val.images)
+    assert set(image_keys(load_splits(replace(cfg, split_seed=1), seed=0).val.images)) != set(val_keys)
+    assert set(image_keys(load_splits(replace(cfg, split_seed=-1), seed=1).val.images)) != set(val_keys)
+    assert torch.equal(load_splits(replace(cfg, split_seed=-1), seed=0).val.images, splits.val.images)
 
     subset = load_splits(replace(cfg, train_subset=64), seed=0)
     assert len(subset.train) == 64 and torch.equal(subset.val.images, splits.val.images)
