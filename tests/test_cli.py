@@ -1,0 +1,74 @@
+"""launch.py: recipe listing, --help, and bad input rejected with a short message and a non-zero exit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data.name", "synthetic", "--data.synthetic-size", "64", "--data.val-size", "16", "--data.batch-size", "16",
+        "--epochs", "1", "--compile", "False", "--disable-tqdm", "True", "--device", "cpu", "--log-every", "1"]
+
+
+def launch(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_lists_recipes():
+    proc = launch()
+    assert proc.returncode == 0
+    for name in ("teacher", "ce", "kd", "at", "fitnet", "ibkd", "quickstart", "report", "compare", "bench_step",
+                 "kernels_bench"):
+        assert f"recipes.{name} " in proc.stdout, name
+    assert "recipes._cli" not in proc.stdout
+
+
+def test_help_shows_every_field_with_docstring_and_default():
+    proc = launch("recipes.ibkd", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for flag in ("--teacher1.arch", "--stage-a.cache-views", "--stage-b.latent-norm", "--grad-clip-norm-final",
+                 "--amp.grad-scaler-init-scale", "--disable-tqdm", "--mbm.kind", "--num-stages", "--resume"):
+        assert flag in text, flag
+    assert "(default: 1024.0)" in text and "switched off" in text
+
+
+def test_unknown_field_and_wrong_type_fail_before_work(tmp_path):
+    for args in (["--no-such-field", "1"], ["--epochs", "three"], ["--data.name", "imagenet"]):
+        proc = launch("recipes.ce", *args, "--out-dir", str(tmp_path), cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert len((proc.stderr + proc.stdout).splitlines()) < 40
+    assert not any(tmp_path.iterdir())  # no run directory was created
+
+
+def test_invalid_value_is_a_short_message(tmp_path):
+    proc = launch("recipes.ce", "--epochs", "0", cwd=tmp_path)
+    assert proc.returncode == 2  # tyro reports the validation error of __post_init__ like a type error
+    out = proc.stderr + proc.stdout
+    assert "epochs must be >= 1, got 0" in out and "Traceback" not in out and len(out.splitlines()) < 10
+
+
+def test_unknown_recipe():
+    proc = launch("recipes.nope")
+    assert proc.returncode == 2 and "no recipe 'recipes.nope'" in proc.stderr
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_work(tmp_path):
+    proc = launch("recipes.ce", *TINY, "--student.arch", "resnet8", "--optim.name", "sgd", "--optim.lr", "1e30",
+                  "--optim.warmup-epochs", "0", "--out-dir", str(tmp_path), "--run-name", "nan", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite loss" in lines[0] and "Traceback" not in proc.stderr
+    assert (tmp_path / "nan" / "config.json").is_file() and (tmp_path / "nan" / "metrics.jsonl").is_file()
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8",
+                  "--teacher.pretrained", "False", "--teacher-ckpt", str(bad), cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.safetensors" in lines[0] and "truncated or corrupt" in lines[0]
