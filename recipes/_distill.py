@@ -13,7 +13,8 @@ from kd.data import DataConfig
 from kd.modeling import Net, build_net
 from kd.optim import OptimConfig
 from kd.run import load_weights, say
-from kd.step import AmpConfig
+from kd.step import AmpConfig, apply_model
+from kd.supervised import Extras, prepare, resolve_resume, train_network
 
 
 def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
@@ -91,3 +92,31 @@ def cifar_table(cfg: DistillConfig, *, lr: float = 0.05) -> DistillConfig:
         cfg, data=CIFAR_TABLE_DATA, optim=dataclasses.replace(CIFAR_TABLE_OPTIM, lr=lr), epochs=240,
         student=ModelConfig(arch="resnet8x4"), teacher=ModelConfig(arch="resnet32x4", pretrained=False),
         teacher_ckpt="checkpoints/resnet32x4_ft.safetensors", label_smoothing=0.0, amp=AmpConfig())
+
+
+def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen: dict, x: torch.Tensor):
+    """The frozen teacher (eval mode, no gradient) and the student (training mode) on the same input:
+    ``(teacher_logits, teacher_features, logits, features, new_buffers)``."""
+    with torch.no_grad():
+        teacher_logits, teacher_features, _ = apply_model(teacher.eval_skeleton, frozen["teacher"]["params"],
+                                                          frozen["teacher"]["buffers"], x, train=False)
+    logits, features, student_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"], x,
+                                                    train=True)
+    return teacher_logits, teacher_features, logits, features, {**buffers, "student": student_buffers}
+
+
+def run_single_teacher(cfg: DistillConfig, recipe: str, make_loss) -> dict:
+    """Shared driver of the single-teacher baselines. ``make_loss(cfg, student, teacher, device)`` returns
+    ``(loss_fn, head_params, head_buffers)`` (heads such as FitNet's regressor are trained and saved with
+    the student)."""
+    cfg = resolve_resume(cfg)
+    ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
+    cfg, device, splits, run_dir = prepare(cfg, recipe)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
+    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+    loss_fn, head_params, head_buffers = make_loss(cfg, student, teacher, device)
+    extras = Extras(params=head_params, buffers=head_buffers,
+                    frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},
+                    summary={"method": recipe, "teachers": [cfg.teacher.arch]})
+    return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student", loss_fn=loss_fn,
+                         grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, extras=extras)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import kernels
 from kd.errors import ConfigError
-from kd.modeling import build_net
-from kd.step import apply_model, mixed_cross_entropy
-from kd.supervised import Extras, prepare, resolve_resume, train_network
+from kd.models import STAGES, feature_shapes
+from kd.step import mixed_cross_entropy
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
-
-STAGES = ("stage1", "stage2", "stage3", "stage4")
+from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_single_teacher
 
 
 @dataclass(frozen=True)
@@ -37,37 +32,25 @@ class ATConfig(DistillConfig):
 CONFIG = ATConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 
-def attention_loss(student, teacher, cfg: ATConfig):
+def attention_loss(cfg: ATConfig, student, teacher, device):
+    for net in (student, teacher):
+        missing = [s for s in cfg.stages if s not in feature_shapes(net.eval_skeleton)]
+        if missing:
+            raise ConfigError(f"{net.arch} exposes no feature maps {missing} (generic models may only have 'pooled')")
+
     def loss_fn(params, buffers, frozen, batch, step):
-        with torch.no_grad():
-            _, teacher_features, _ = apply_model(teacher.eval_skeleton, frozen["teacher"]["params"],
-                                                 frozen["teacher"]["buffers"], batch["x"], train=False)
-        logits, features, new_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"],
-                                                    batch["x"], train=True)
+        _, teacher_features, logits, features, new_buffers = forward_pair(student, teacher, params, buffers, frozen,
+                                                                          batch["x"])
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         at = kernels.attention_transfer_loss([features[s] for s in cfg.stages],
                                              [teacher_features[s] for s in cfg.stages])
         loss = ce + cfg.beta * at
-        return loss, ({**buffers, "student": new_buffers}, {"ce": ce.detach(), "at": at.detach()})
-    return loss_fn
+        return loss, (new_buffers, {"ce": ce.detach(), "at": at.detach()})
+    return loss_fn, {}, {}
 
 
 def run(cfg: ATConfig, recipe: str = "at") -> dict:
-    cfg = resolve_resume(cfg)
-    ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
-    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
-    from kd.models import feature_shapes
-    for arch, net in ((cfg.student.arch, student), (cfg.teacher.arch, teacher)):
-        shapes = feature_shapes(net.eval_skeleton)
-        if any(s not in shapes for s in cfg.stages):
-            raise ConfigError(f"{arch} does not expose feature maps {cfg.stages} (it has {sorted(shapes)})")
-    extras = Extras(frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},
-                    summary={"method": recipe, "teachers": [cfg.teacher.arch]})
-    return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student",
-                         loss_fn=attention_loss(student, teacher, cfg), grad_clip_norm=cfg.grad_clip_norm,
-                         ema=cfg.ema, extras=extras)
+    return run_single_teacher(cfg, recipe, attention_loss)
 
 
 def main(argv=None, prog="launch.py recipes.at"):

@@ -14,12 +14,10 @@ from torch import nn
 
 from kd.losses import fitnet_hint
 from kd.models import feature_shapes
-from kd.modeling import build_net
-from kd.step import apply_model, call_stateless, mixed_cross_entropy
-from kd.supervised import Extras, prepare, resolve_resume, train_network
+from kd.step import call_stateless, mixed_cross_entropy
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
+from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_single_teacher
 
 
 @dataclass(frozen=True)
@@ -40,37 +38,25 @@ def build_regressor(student_channels: int, teacher_channels: int, device: torch.
     return nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=True).to(device)
 
 
-def hint_loss(student, teacher, regressor: nn.Module, cfg: FitNetConfig):
+def hint_loss(cfg: FitNetConfig, student, teacher, device):
+    student_channels = feature_shapes(student.eval_skeleton)[cfg.hint_stage][1]
+    teacher_channels = feature_shapes(teacher.eval_skeleton)[cfg.hint_stage][1]
+    regressor = build_regressor(student_channels, teacher_channels, device).train()
+
     def loss_fn(params, buffers, frozen, batch, step):
-        with torch.no_grad():
-            _, teacher_features, _ = apply_model(teacher.eval_skeleton, frozen["teacher"]["params"],
-                                                 frozen["teacher"]["buffers"], batch["x"], train=False)
-        logits, features, new_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"],
-                                                    batch["x"], train=True)
+        _, teacher_features, logits, features, new_buffers = forward_pair(student, teacher, params, buffers, frozen,
+                                                                          batch["x"])
         regressed, _ = call_stateless(regressor, params["regressor"], {}, features[cfg.hint_stage], train=True)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         hint = fitnet_hint(regressed, teacher_features[cfg.hint_stage])
         loss = ce + cfg.alpha_hint * hint
-        return loss, ({**buffers, "student": new_buffers}, {"ce": ce.detach(), "hint": hint.detach()})
-    return loss_fn
+        return loss, (new_buffers, {"ce": ce.detach(), "hint": hint.detach()})
+
+    return loss_fn, {"regressor": {k: v.detach() for k, v in regressor.named_parameters()}}, {"regressor": {}}
 
 
 def run(cfg: FitNetConfig, recipe: str = "fitnet") -> dict:
-    cfg = resolve_resume(cfg)
-    ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
-    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
-    student_channels = feature_shapes(student.eval_skeleton)[cfg.hint_stage][1]
-    teacher_channels = feature_shapes(teacher.eval_skeleton)[cfg.hint_stage][1]
-    regressor = build_regressor(student_channels, teacher_channels, device).train()
-    extras = Extras(params={"regressor": {k: v.detach() for k, v in regressor.named_parameters()}},
-                    buffers={"regressor": {}},
-                    frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},
-                    summary={"method": recipe, "teachers": [cfg.teacher.arch]})
-    return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student",
-                         loss_fn=hint_loss(student, teacher, regressor, cfg), grad_clip_norm=cfg.grad_clip_norm,
-                         ema=cfg.ema, extras=extras)
+    return run_single_teacher(cfg, recipe, hint_loss)
 
 
 def main(argv=None, prog="launch.py recipes.fitnet"):

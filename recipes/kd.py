@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from kd.losses import hinton_kd
-from kd.modeling import build_net
-from kd.step import apply_model, mixed_cross_entropy
-from kd.supervised import Extras, prepare, resolve_resume, train_network
+from kd.step import mixed_cross_entropy
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, ensure_teacher, load_teacher
+from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_single_teacher
 
 
 @dataclass(frozen=True)
@@ -28,31 +24,18 @@ class KDConfig(DistillConfig):
 CONFIG = KDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 
-def hinton_loss(student, teacher, cfg: KDConfig):
+def hinton_loss(cfg: KDConfig, student, teacher, device):
     def loss_fn(params, buffers, frozen, batch, step):
-        with torch.no_grad():
-            teacher_logits, _, _ = apply_model(teacher.eval_skeleton, frozen["teacher"]["params"],
-                                               frozen["teacher"]["buffers"], batch["x"], train=False)
-        logits, _, new_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"],
-                                             batch["x"], train=True)
+        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch["x"])
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         kd = hinton_kd(logits, teacher_logits, cfg.temperature)
         loss = (1 - cfg.alpha) * ce + cfg.alpha * kd
-        return loss, ({**buffers, "student": new_buffers}, {"ce": ce.detach(), "kd": kd.detach()})
-    return loss_fn
+        return loss, (new_buffers, {"ce": ce.detach(), "kd": kd.detach()})
+    return loss_fn, {}, {}
 
 
 def run(cfg: KDConfig, recipe: str = "kd") -> dict:
-    cfg = resolve_resume(cfg)
-    ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
-    cfg, device, splits, run_dir = prepare(cfg, recipe)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
-    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
-    extras = Extras(frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},
-                    summary={"method": recipe, "teachers": [cfg.teacher.arch]})
-    return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student",
-                         loss_fn=hinton_loss(student, teacher, cfg), grad_clip_norm=cfg.grad_clip_norm,
-                         ema=cfg.ema, extras=extras)
+    return run_single_teacher(cfg, recipe, hinton_loss)
 
 
 def main(argv=None, prog="launch.py recipes.kd"):
