@@ -7,13 +7,16 @@
   reads when a kernel is defined, so set it before importing :mod:`kernels`);
 * ``reference`` -- always the pure-torch reference (``kernels.reference``).
 
-The choice depends only on the backend string and on tensor devices, both static under
-``torch.compile``, so dispatching never adds a guard on a tensor value or a host sync.
+One exception to ``auto``: code traced by ``torch.compile`` inside a torch.func transform gets the
+reference (and ``triton`` raises), because torch 2.14.1 silently drops custom backwards there
+(pytorch/pytorch#193279; see :func:`compiling_under_torch_func`).
+
+The choice depends only on the backend string, tensor devices and trace-time state, all static
+under ``torch.compile``, so dispatching never adds a guard on a tensor value or a host sync.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -44,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     tl = _TritonMissing()
     HAS_TRITON = False
 
-__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "kernel_operand", "outside_torch_func", "resolve_backend", "tl", "triton"]
+__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "resolve_backend", "tl", "triton"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "KD_KERNELS"
@@ -63,8 +66,24 @@ def interpreting() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
+def compiling_under_torch_func() -> bool:
+    """True while ``torch.compile`` traces code that runs inside a torch.func transform (grad, vjp...).
+
+    There, torch 2.14.1's Dynamo inlines an autograd.Function's forward and silently drops its custom
+    backward (pytorch/pytorch#193279): the transform then differentiates the forward's ops by their
+    default rules, and our kernel ops have none, so the gradients would be wrong without an error.
+    Both checks are answered at trace time, so this adds no guard on tensor values and no sync.
+    """
+    return torch.compiler.is_compiling() and torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+
+
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"reference"`` for an op whose inputs are ``tensors``."""
+    """Return ``"triton"`` or ``"reference"`` for an op whose inputs are ``tensors``.
+
+    ``auto`` also picks the reference inside ``torch.compile(torch.func.grad(...))`` (see
+    :func:`compiling_under_torch_func`): there the reference's plain torch ops are differentiated
+    correctly and fused by Inductor. ``triton`` refuses that combination with an explanation.
+    """
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     requested = requested.strip().lower()
     if requested not in BACKENDS:
@@ -74,7 +93,8 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
         return "reference"
     on_cuda = all(t.is_cuda for t in tensors)
     if requested == "auto":
-        return "triton" if (on_cuda and HAS_TRITON) else "reference"
+        use_triton = on_cuda and HAS_TRITON and not compiling_under_torch_func()
+        return "triton" if use_triton else "reference"
     # requested == "triton"
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' was requested but Triton is not installed")
@@ -84,33 +104,12 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
             "in the environment before anything imports triton (setting it later has no effect); "
             "or use backend='reference' (or 'auto') on CPU"
         )
+    if compiling_under_torch_func():
+        raise RuntimeError(
+            "backend='triton' inside torch.compile(torch.func.grad/grad_and_value/vjp(...)): torch's "
+            "Dynamo drops the kernels' custom backward there (pytorch/pytorch#193279), which would give "
+            "wrong gradients. Use backend='auto' (the reference, fused by Inductor, in that case), or "
+            "differentiate with torch.autograd.grad inside the compiled function "
+            "(torch._dynamo.config.trace_autograd_ops = True), or torch.func.grad without torch.compile."
+        )
     return "triton"
-
-
-@contextlib.contextmanager
-def outside_torch_func():
-    """Run a hand-written backward on plain tensors, outside torch.func's transform levels.
-
-    Under ``torch.func.grad``/``grad_and_value`` an autograd.Function's ``backward`` receives its
-    saved tensors and output gradients wrapped at the transform's level, and every tensor it
-    allocates is wrapped too; a wrapper has no storage that a Triton kernel could be handed. Our
-    backwards are explicit formulas that are never differentiated again (first-order training), so
-    running them on the unwrapped tensors (see :func:`kernel_operand`) with torch.func's dispatch
-    switched off is exact; torch.func lifts the plain gradients back to its level. Under
-    ``torch.compile`` the tensors are traced, not wrapped, and nothing is changed.
-    """
-    if torch.compiler.is_compiling():
-        yield
-        return
-    with torch._C._DisableFuncTorch():
-        yield
-
-
-def kernel_operand(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The plain tensor under torch.func's grad-tracking wrappers (see :func:`outside_torch_func`)."""
-    if tensor is None or torch.compiler.is_compiling():
-        return tensor
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(tensor) and functorch.is_gradtrackingtensor(tensor):
-        tensor = functorch.get_unwrapped(tensor)
-    return tensor

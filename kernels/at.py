@@ -40,6 +40,14 @@ in place (no hidden ``.contiguous()`` copies). Accumulation is fp32 (fp64 for fp
 Kernel plan, per pair: forward = channel-energy kernel on the student (pool fused), the same kernel on
 the teacher, then a per-sample finalize kernel over the O(N P) energies (norms, squared difference,
 ``u``); backward = one streaming kernel. The big maps are each read exactly once per pass.
+
+Composition: the launchers are registered as dispatcher ops (``torch.ops.asmb_kd.*``, with fake
+implementations) and an autograd.Function owns the gradient. That works eagerly, under
+``torch.func.grad``, and inside ``torch.compile`` with ``.backward()`` or ``torch.autograd.grad``
+(``torch._dynamo.config.trace_autograd_ops = True``). It does not work inside
+``torch.compile(torch.func.grad(...))``: torch 2.14.1 drops custom backwards there
+(pytorch/pytorch#193279), so dispatch sends ``auto`` to the reference and refuses ``triton``
+(see :mod:`kernels._dispatch`).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._dispatch import kernel_operand, outside_torch_func, resolve_backend, tl, triton
+from ._dispatch import resolve_backend, tl, triton
 from .reference import NORMALIZE_EPS, accumulation_dtype, attention_map
 
 __all__ = ["attention_map", "attention_transfer_loss", "attention_transfer_pair_loss"]
@@ -337,8 +345,47 @@ def _at_pair_backward(grad_loss: Tensor, student_map: Tensor, direction: Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (ctx-free forward + setup_context: the form torch.func and torch.compile accept)
+# Custom ops around the launchers, and the autograd.Function (ctx-free forward + setup_context:
+# the form torch.func and torch.compile accept)
 # ----------------------------------------------------------------------------------------------
+# The launchers are registered as (non-differentiable) custom ops so that every transform sees one
+# opaque op with a fake (shape-only) implementation: torch.compile traces it without looking into
+# Triton, and under torch.func.grad the backward's wrapped tensors are unwrapped by the dispatcher
+# before the kernel gets them. Differentiation stays with the autograd.Function.
+
+
+_LIBRARY = torch.library.Library("asmb_kd", "FRAGMENT")
+_LIBRARY.define("attention_transfer_pair_forward(Tensor student_map, Tensor teacher_map, int pool_h, int pool_w) -> (Tensor, Tensor)")
+_LIBRARY.define("attention_transfer_pair_backward(Tensor grad_loss, Tensor student_map, Tensor direction, int pool_h, int pool_w) -> Tensor")
+
+
+def _at_pair_forward_impl(student_map, teacher_map, pool_h, pool_w):
+    return _at_pair_forward(student_map, teacher_map, pool_h, pool_w)
+
+
+def _at_pair_backward_impl(grad_loss, student_map, direction, pool_h, pool_w):
+    return _at_pair_backward(grad_loss.contiguous(), student_map, direction, pool_h, pool_w)
+
+
+_LIBRARY.impl("attention_transfer_pair_forward", _at_pair_forward_impl, "CompositeExplicitAutograd")
+_LIBRARY.impl("attention_transfer_pair_backward", _at_pair_backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("asmb_kd::attention_transfer_pair_forward", lib=_LIBRARY)
+def _(student_map, teacher_map, pool_h, pool_w):
+    acc = accumulation_dtype(student_map, teacher_map)
+    samples, _, height, width = teacher_map.shape
+    loss = student_map.new_empty((), dtype=acc)
+    return loss, student_map.new_empty((samples, height * width), dtype=acc)
+
+
+@torch.library.register_fake("asmb_kd::attention_transfer_pair_backward", lib=_LIBRARY)
+def _(grad_loss, student_map, direction, pool_h, pool_w):
+    return torch.empty_like(student_map)
+
+
+_at_pair_forward_op = torch.ops.asmb_kd.attention_transfer_pair_forward
+_at_pair_backward_op = torch.ops.asmb_kd.attention_transfer_pair_backward
 
 
 class _AttentionTransferPair(torch.autograd.Function):
@@ -346,7 +393,7 @@ class _AttentionTransferPair(torch.autograd.Function):
 
     @staticmethod
     def forward(student_map: Tensor, teacher_map: Tensor, pool_h: int, pool_w: int) -> tuple[Tensor, Tensor]:
-        return _at_pair_forward(student_map, teacher_map, pool_h, pool_w)
+        return _at_pair_forward_op(student_map, teacher_map, pool_h, pool_w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -360,10 +407,8 @@ class _AttentionTransferPair(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _grad_direction: Tensor | None):
         grad_student = None
         if ctx.needs_input_grad[0]:
-            with outside_torch_func():
-                student_map, direction = (kernel_operand(t) for t in ctx.saved_tensors)
-                grad_loss = kernel_operand(grad_loss).contiguous()
-                grad_student = _at_pair_backward(grad_loss, student_map, direction, *ctx.pool)
+            student_map, direction = ctx.saved_tensors
+            grad_student = _at_pair_backward_op(grad_loss, student_map, direction, *ctx.pool)
         return grad_student, None, None, None
 
 

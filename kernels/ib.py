@@ -42,7 +42,11 @@ cosine, three log-sum-exps), writes only d z_s and d logits, and combines the fo
 
 Accumulation is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64), gradients come back in the input
 dtype. ``lam``, ``temperature`` and ``precision_max`` are 0-d device tensors read inside the kernels,
-so a new value each step neither recompiles nor syncs.
+so a new value each step neither recompiles nor syncs. ``precision_clamp_value`` has no kernel: a
+``topk`` of the upper 1% is already one small op, and it is shared with the reference.
+
+Composition: as in :mod:`kernels.at` (dispatcher ops + autograd.Function; inside
+``torch.compile(torch.func.grad(...))`` ``auto`` uses the reference, pytorch/pytorch#193279).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import kernel_operand, outside_torch_func, resolve_backend, tl, triton
+from ._dispatch import resolve_backend, tl, triton
 from .reference import COSINE_EPS, NORMALIZE_EPS, PRECISION_EPS, accumulation_dtype, precision_clamp_value
 
 __all__ = ["ib_reparam_kl", "precision_clamp_value", "ib_student_loss"]
@@ -379,6 +383,7 @@ def _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synerg
 
 def _student_loss_backward(grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
     rows, latent_dim = z_s.shape
+    grad_terms = grad_terms.contiguous()
     classes = student_logits.shape[1]
     grad_z = torch.empty((rows, latent_dim), device=z_s.device, dtype=z_s.dtype)
     grad_student = torch.empty((rows, classes), device=z_s.device, dtype=student_logits.dtype)
@@ -394,14 +399,60 @@ def _student_loss_backward(grad_terms, stats, z_s, mu, logvar, precision_max, st
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Functions (ctx-free forward + setup_context: the form torch.func and torch.compile accept)
+# Ops around the launchers, and the autograd.Functions (ctx-free forward + setup_context: the form
+# torch.func and torch.compile accept)
 # ----------------------------------------------------------------------------------------------
+# As in kernels.at: each launcher is a plain (non-differentiable) dispatcher op with a fake
+# implementation, so torch.compile traces it as one opaque op and torch.func's wrappers are removed
+# by the dispatcher before a kernel sees a tensor; the autograd.Functions own differentiation.
+
+_LIBRARY = torch.library.Library("asmb_kd", "FRAGMENT")
+_LIBRARY.define("ib_reparam_kl_forward(Tensor mu, Tensor logvar, Tensor eps) -> (Tensor, Tensor)")
+_LIBRARY.define(
+    "ib_reparam_kl_backward(Tensor mu, Tensor logvar, Tensor eps, Tensor? grad_z, Tensor? grad_kl) -> (Tensor, Tensor)"
+)
+_STUDENT_ARGS = (
+    "Tensor z_s, Tensor mu, Tensor logvar, Tensor precision_max, Tensor student_logits, Tensor synergy_logits, "
+    "Tensor target_a, Tensor target_b, Tensor lam, Tensor temperature, float label_smoothing"
+)
+_LIBRARY.define(f"ib_student_loss_forward({_STUDENT_ARGS}) -> (Tensor, Tensor)")
+_LIBRARY.define(f"ib_student_loss_backward(Tensor grad_terms, Tensor stats, {_STUDENT_ARGS}) -> (Tensor, Tensor)")
+_LIBRARY.impl("ib_reparam_kl_forward", _reparam_kl_forward, "CompositeExplicitAutograd")
+_LIBRARY.impl("ib_reparam_kl_backward", _reparam_kl_backward, "CompositeExplicitAutograd")
+_LIBRARY.impl("ib_student_loss_forward", _student_loss_forward, "CompositeExplicitAutograd")
+_LIBRARY.impl("ib_student_loss_backward", _student_loss_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("asmb_kd::ib_reparam_kl_forward", lib=_LIBRARY)
+def _(mu, logvar, eps):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(
+        (mu.shape[0],), dtype=accumulation_dtype(mu, logvar)
+    )
+
+
+@torch.library.register_fake("asmb_kd::ib_reparam_kl_backward", lib=_LIBRARY)
+def _(mu, logvar, eps, grad_z, grad_kl):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(logvar, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("asmb_kd::ib_student_loss_forward", lib=_LIBRARY)
+def _(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
+    acc = accumulation_dtype(z_s, mu, student_logits, synergy_logits)
+    return z_s.new_empty((4,), dtype=acc), z_s.new_empty((z_s.shape[0], _STATS), dtype=acc)
+
+
+@torch.library.register_fake("asmb_kd::ib_student_loss_backward", lib=_LIBRARY)
+def _(grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
+    return (
+        torch.empty_like(z_s, memory_format=torch.contiguous_format),
+        torch.empty_like(student_logits, memory_format=torch.contiguous_format),
+    )
 
 
 class _ReparamKL(torch.autograd.Function):
     @staticmethod
     def forward(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-        return _reparam_kl_forward(mu, logvar, eps)
+        return torch.ops.asmb_kd.ib_reparam_kl_forward(mu, logvar, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -411,9 +462,8 @@ class _ReparamKL(torch.autograd.Function):
     def backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None
-        with outside_torch_func():
-            mu, logvar, eps = (kernel_operand(t) for t in ctx.saved_tensors)
-            grad_mu, grad_logvar = _reparam_kl_backward(mu, logvar, eps, kernel_operand(grad_z), kernel_operand(grad_kl))
+        mu, logvar, eps = ctx.saved_tensors
+        grad_mu, grad_logvar = torch.ops.asmb_kd.ib_reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl)
         return grad_mu, grad_logvar, None
 
 
@@ -422,7 +472,9 @@ class _StudentLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
-        return _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing)
+        return torch.ops.asmb_kd.ib_student_loss_forward(
+            z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -437,10 +489,8 @@ class _StudentLoss(torch.autograd.Function):
         needs_z, needs_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         if grad_terms is None or not (needs_z or needs_logits):
             return (None,) * 11
-        with outside_torch_func():
-            stats, *tensors = (kernel_operand(t) for t in ctx.saved_tensors)
-            grad_terms = kernel_operand(grad_terms).contiguous()
-            grad_z, grad_student = _student_loss_backward(grad_terms, stats, *tensors, ctx.label_smoothing)
+        stats, *tensors = ctx.saved_tensors
+        grad_z, grad_student = torch.ops.asmb_kd.ib_student_loss_backward(grad_terms, stats, *tensors, ctx.label_smoothing)
         return (grad_z if needs_z else None, None, None, None, grad_student if needs_logits else None) + (None,) * 6
 
 

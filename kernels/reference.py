@@ -151,8 +151,8 @@ def precision_clamp_value(logvar: Tensor, q: float = 0.99) -> Tensor:
     upper_tail = torch.topk(precision, count - rank_below, largest=True, sorted=True).values
     value_below = upper_tail[count - 1 - rank_below]
     value_above = upper_tail[count - 1 - rank_above]
-    weight = torch.tensor(rank - rank_below, dtype=torch.float32, device=precision.device)
-    return torch.lerp(value_below, value_above, weight)
+    # A Python-float weight is rounded to fp32 by lerp, as torch.quantile's double weights are.
+    return torch.lerp(value_below, value_above, rank - rank_below)
 
 
 def _label_smoothed_cross_entropy(

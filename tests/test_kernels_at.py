@@ -279,6 +279,61 @@ def test_reference_under_compiled_func_grad_and_value():
     torch.testing.assert_close(grad, ref_grads[0], **TOLERANCE[torch.float32])
 
 
+def _compiled_autograd_step(student, teacher, backend):
+    """One compiled step that differentiates with torch.autograd.grad (the form that keeps custom backwards)."""
+
+    def step(student_map):
+        leaf = student_map.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = at.attention_transfer_loss([leaf], [teacher], [1000.0], backend=backend)
+            (grad,) = torch.autograd.grad(loss, [leaf])
+        return grad, loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        return torch.compile(step, fullgraph=True)(student)
+
+
+def test_triton_inside_torch_compile():
+    """The kernels are opaque ops with fake shapes, so Inductor calls them (here: the interpreter)."""
+    student, teacher = _maps((2, 5, 8, 8), (2, 3, 4, 4))
+    ref_loss, ref_grads, _, _ = _loss_and_grads(_reference, [student], [teacher], [1000.0])
+    grad, value = _compiled_autograd_step(student, teacher, "triton")
+    torch.testing.assert_close(value, ref_loss, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(grad, ref_grads[0], **TOLERANCE[torch.float32])
+    # and the classic compiled forward + eager .backward()
+    leaf = student.clone().requires_grad_(True)
+    loss = torch.compile(lambda s: at.attention_transfer_loss([s], [teacher], [1000.0], backend="triton"), fullgraph=True)(leaf)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, ref_grads[0], **TOLERANCE[torch.float32])
+
+
+def test_triton_refuses_compiled_func_grad():
+    """torch 2.14.1 drops custom backwards in compile(func.grad) (pytorch#193279): fail loudly, not wrongly."""
+    student, teacher = _maps((1, 2, 4, 4), (1, 3, 4, 4))
+
+    def loss_of(student_map):
+        return at.attention_transfer_loss([student_map], [teacher], backend="triton")
+
+    with pytest.raises(Exception, match="193279"):
+        torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True)(student)
+
+
+def test_compiling_under_torch_func_is_detected_at_trace_time():
+    """The switch that sends ``auto`` to the reference in compile(func.grad) and nowhere else."""
+    from kernels._dispatch import compiling_under_torch_func
+
+    def flagged_sum(x):
+        flag = 1.0 if compiling_under_torch_func() else 0.0
+        return (x * flag).sum()
+
+    x = torch.ones(3)
+    assert torch.compile(torch.func.grad(flagged_sum), fullgraph=True)(x).tolist() == [1.0, 1.0, 1.0]
+    assert torch.func.grad(flagged_sum)(x).tolist() == [0.0, 0.0, 0.0]
+    leaf = x.clone().requires_grad_(True)
+    torch.compile(flagged_sum, fullgraph=True)(leaf).backward()
+    assert leaf.grad.tolist() == [0.0, 0.0, 0.0]
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU only: half precision (the interpreter mis-computes bf16) and the compiled Triton path
 # ----------------------------------------------------------------------------------------------
@@ -301,16 +356,30 @@ def test_half_precision_matches_fp32_reference(dtype, channels_last, shapes):
 
 @gpu_only
 @pytest.mark.gpu
-def test_triton_under_compiled_func_grad_and_value():
-    students = [_maps((16, 64, 32, 32), (16, 256, 32, 32), seed=1)[0], _maps((16, 128, 16, 16), (16, 512, 8, 8), seed=2)[0]]
-    teachers = [_maps((16, 64, 32, 32), (16, 256, 32, 32), seed=1)[1], _maps((16, 128, 16, 16), (16, 512, 8, 8), seed=2)[1]]
+def test_compiled_train_step_shapes_on_gpu():
+    """CIFAR-scale pairs on the GPU: compiled autograd.grad runs Triton; compiled func.grad (auto) stays correct."""
+    pairs = [_maps((16, 64, 32, 32), (16, 256, 32, 32), seed=1), _maps((16, 128, 16, 16), (16, 512, 8, 8), seed=2)]
+    students, teachers = [p[0] for p in pairs], [p[1] for p in pairs]
+    weights = [1000.0, 500.0]
+    ref_loss, ref_grads, _, _ = _loss_and_grads(_reference, students, teachers, weights)
 
-    def loss_of(student_maps, teacher_maps):
-        return at.attention_transfer_loss(student_maps, teacher_maps, [1000.0, 500.0], backend="triton")
+    def step(student_maps, backend):
+        leaves = [s.detach().requires_grad_(True) for s in student_maps]
+        with torch.enable_grad():
+            loss = at.attention_transfer_loss(leaves, teachers, weights, backend=backend)
+            grads = torch.autograd.grad(loss, leaves)
+        return grads, loss.detach()
 
-    compiled = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True)
-    grads, value = compiled(students, teachers)
-    ref_loss, ref_grads, _, _ = _loss_and_grads(_reference, students, teachers, [1000.0, 500.0])
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        grads, value = torch.compile(step, fullgraph=True)(students, "triton")
+    torch.testing.assert_close(value, ref_loss, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-8)
+
+    def loss_of(student_maps):
+        return at.attention_transfer_loss(student_maps, teachers, weights, backend="auto")
+
+    grads, value = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True)(students)
     torch.testing.assert_close(value, ref_loss, rtol=1e-5, atol=1e-6)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-8)

@@ -341,6 +341,58 @@ def test_reference_under_compiled_func_grad_and_value_without_recompiles():
         torch.testing.assert_close(grad_logits, ref_logits, **TOLERANCE[torch.float32])
 
 
+def _stage_b_total(z_s, student_logits, mu, logvar, synergy_logits, target_a, target_b, lam, temperature, mbm_noise, backend):
+    """Stage-B weighting as the recipe does it, plus the stage-A op on the same latent (both kernels)."""
+    precision_max = ib.precision_clamp_value(logvar)
+    mse, ang, kd, ce = ib.ib_student_loss(
+        z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature,
+        label_smoothing=0.05, backend=backend,
+    )  # fmt: skip
+    z_mbm, kl = ib.ib_reparam_kl(z_s, logvar, mbm_noise, backend=backend)
+    latent_dim = z_s.shape[1]
+    return ce + 0.5 * kd + (0.7 * mse + 0.3 * ang) / latent_dim + 1e-3 * kl.mean() + 1e-2 * z_mbm.square().mean()
+
+
+def _autograd_step(z_s, student_logits, *args):
+    """A compiled step that differentiates with torch.autograd.grad (keeps custom backwards)."""
+    leaves = [z_s.detach().requires_grad_(True), student_logits.detach().requires_grad_(True)]
+    with torch.enable_grad():
+        total = _stage_b_total(*leaves, *args)
+        grads = torch.autograd.grad(total, leaves)
+    return grads, total.detach()
+
+
+def test_triton_inside_torch_compile():
+    """Both IB kernels as opaque ops inside one compiled step (the interpreter runs them on CPU)."""
+    inputs = _student_inputs(6, 16, 10, seed=17)
+    z_s, student = inputs.pop("z_s"), inputs.pop("student_logits")
+    mbm_noise = torch.randn(z_s.shape, generator=_generator(5)).to(DEVICE)
+    args = (inputs["mu"], inputs["logvar"], inputs["synergy_logits"], inputs["target_a"], inputs["target_b"], inputs["lam"], inputs["temperature"])
+    (ref_z, ref_logits), ref_value = torch.func.grad_and_value(_stage_b_total, argnums=(0, 1))(z_s, student, *args, mbm_noise, "reference")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(_autograd_step, fullgraph=True)
+        (grad_z, grad_logits), value = compiled(z_s, student, *args, mbm_noise, "triton")
+        torch.testing.assert_close(value, ref_value, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(grad_z, ref_z, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(grad_logits, ref_logits, **TOLERANCE[torch.float32])
+        # New per-step scalars do not recompile.
+        new_scalars = (torch.tensor(0.9, device=DEVICE), torch.tensor(1.5, device=DEVICE))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _, value = compiled(z_s, student, *args[:5], *new_scalars, mbm_noise, "triton")
+    expected = _stage_b_total(z_s, student, *args[:5], *new_scalars, mbm_noise, "reference")
+    torch.testing.assert_close(value, expected, **TOLERANCE[torch.float32])
+
+
+def test_triton_refuses_compiled_func_grad():
+    """torch 2.14.1 drops custom backwards in compile(func.grad) (pytorch#193279): fail loudly, not wrongly."""
+    inputs = _student_inputs(4, 8, 5, seed=2)
+    z_s, student = inputs.pop("z_s"), inputs.pop("student_logits")
+    mbm_noise = torch.zeros_like(z_s)
+    args = (inputs["mu"], inputs["logvar"], inputs["synergy_logits"], inputs["target_a"], inputs["target_b"], inputs["lam"], inputs["temperature"])
+    with pytest.raises(Exception, match="193279"):
+        torch.compile(torch.func.grad(_stage_b_total, argnums=(0, 1)), fullgraph=True)(z_s, student, *args, mbm_noise, "triton")
+
+
 def test_student_loss_validates_shapes():
     inputs = _student_inputs(3, 4, 5)
     bad = dict(inputs, target_b=inputs["target_b"][:2])
@@ -386,24 +438,20 @@ def test_reparam_kl_half_precision(dtype):
 
 @gpu_only
 @pytest.mark.gpu
-def test_triton_under_compiled_func_grad_and_value():
+def test_compiled_train_step_shapes_on_gpu():
+    """N128 Z512 K100 on the GPU: compiled autograd.grad runs Triton; compiled func.grad (auto) stays correct."""
     inputs = _student_inputs(128, 512, 100, seed=3)
     z_s, student = inputs.pop("z_s"), inputs.pop("student_logits")
-    mu_eps = torch.randn_like(inputs["mu"])
-
-    def total_loss(z_s, student_logits, mu, logvar, synergy_logits, target_a, target_b, lam, temperature, backend):
-        precision_max = ib.precision_clamp_value(logvar)
-        mse, ang, kd, ce = ib.ib_student_loss(
-            z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature,
-            label_smoothing=0.05, backend=backend,
-        )  # fmt: skip
-        z_mbm, kl = ib.ib_reparam_kl(mu, logvar, mu_eps, backend=backend)
-        return ce + 0.5 * kd + (0.7 * mse + 0.3 * ang) / 512 + 1e-3 * kl.mean() + 0.0 * z_mbm.sum()
-
-    args = (z_s, student, inputs["mu"], inputs["logvar"], inputs["synergy_logits"], inputs["target_a"], inputs["target_b"], inputs["lam"], inputs["temperature"])
-    compiled = torch.compile(torch.func.grad_and_value(total_loss, argnums=(0, 1)), fullgraph=True)
-    (grad_z, grad_logits), value = compiled(*args, "triton")
-    (ref_z, ref_logits), ref_value = torch.func.grad_and_value(total_loss, argnums=(0, 1))(*args, "reference")
+    mbm_noise = torch.randn_like(inputs["mu"])
+    args = (inputs["mu"], inputs["logvar"], inputs["synergy_logits"], inputs["target_a"], inputs["target_b"], inputs["lam"], inputs["temperature"])
+    (ref_z, ref_logits), ref_value = torch.func.grad_and_value(_stage_b_total, argnums=(0, 1))(z_s, student, *args, mbm_noise, "reference")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        (grad_z, grad_logits), value = torch.compile(_autograd_step, fullgraph=True)(z_s, student, *args, mbm_noise, "triton")
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_z, ref_z, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_logits, ref_logits, rtol=1e-4, atol=1e-7)
+    step = torch.compile(torch.func.grad_and_value(_stage_b_total, argnums=(0, 1)), fullgraph=True)
+    (grad_z, grad_logits), value = step(z_s, student, *args, mbm_noise, "auto")
     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_z, ref_z, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grad_logits, ref_logits, rtol=1e-4, atol=1e-7)
