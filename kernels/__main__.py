@@ -31,8 +31,14 @@ _TRITON_TYPES = {
 
 
 def _signature_of(kernel, args, kwargs):
-    """(signature, constexprs, options) for one launch, the way Triton's launcher would type it."""
+    """(signature, constexprs, options) for one launch, the way Triton's launcher would type it.
+
+    Scalars go through Triton's own specialisation (an int equal to 1 becomes a constexpr, as at a
+    real launch), so code that only breaks for such values fails here too.
+    """
     import triton.language as tl
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
 
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip([p.name for p in kernel.params], args))
@@ -45,12 +51,11 @@ def _signature_of(kernel, args, kwargs):
             constexprs[param.name] = value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
+        elif isinstance(value, (bool, int, float)):
+            kind = native_specialize_impl(BaseBackend, value, False, True, True)[0]
+            signature[param.name] = kind
+            if kind == "constexpr":
+                constexprs[param.name] = value
         elif isinstance(value, tl.dtype):
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
@@ -71,7 +76,12 @@ def _compile_instead_of_launch(arch: int, compiled: list):
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         signature, constexprs, options = _signature_of(self, args, dict(kwargs))
-        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+        key = (
+            self.fn.__name__,
+            tuple(sorted(signature.items())),
+            tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+            tuple(sorted(options.items())),
+        )
         if key not in {entry[0] for entry in compiled}:
             start = time.perf_counter()
             binary = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
@@ -92,7 +102,13 @@ def _drive_launchers() -> None:
     meta = torch.device("meta")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for channels_last in (False, True):
-            for student_shape, teacher_shape in (((8, 64, 32, 32), (8, 256, 32, 32)), ((8, 128, 16, 16), (8, 512, 8, 8)), ((4, 24, 7, 7), (4, 40, 7, 7))):
+            pairs = (
+                ((8, 64, 32, 32), (8, 256, 32, 32)),
+                ((8, 128, 16, 16), (8, 512, 8, 8)),
+                ((4, 24, 7, 7), (4, 40, 7, 7)),
+                ((1, 1, 2, 1), (1, 3, 1, 1)),  # N = C = W = P = 1: scalars Triton turns into constexprs
+            )
+            for student_shape, teacher_shape in pairs:
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 student = torch.empty(student_shape, device=meta, dtype=dtype).contiguous(memory_format=fmt)
                 teacher = torch.empty(teacher_shape, device=meta, dtype=dtype).contiguous(memory_format=fmt)
@@ -100,7 +116,7 @@ def _drive_launchers() -> None:
                 _loss, direction = at._at_pair_forward(student, teacher, pool_h, pool_w)
                 grad_loss = torch.empty((), device=meta, dtype=torch.float32)
                 at._at_pair_backward(grad_loss, student, direction, pool_h, pool_w)
-        for rows, latent_dim, classes in ((128, 512, 100), (8192, 1024, 1000), (7, 37, 10), (64, 4100, 8000)):
+        for rows, latent_dim, classes in ((128, 512, 100), (8192, 1024, 1000), (7, 37, 10), (64, 4100, 8000), (1, 1, 1)):
             z_s, mu, logvar = (torch.empty(rows, latent_dim, device=meta, dtype=dtype) for _ in range(3))
             student, synergy = (torch.empty(rows, classes, device=meta, dtype=dtype) for _ in range(2))
             targets = torch.empty(rows, device=meta, dtype=torch.int64)
@@ -113,7 +129,7 @@ def _drive_launchers() -> None:
             ib._reparam_kl_backward(mu, logvar, logvar, z, None)
 
 
-def _register_report(ptx: str, arch: int) -> tuple[str, int]:
+def _register_report(ptx: str, arch: int) -> tuple[str, int, int]:
     """``ptxas -v`` on the PTX: registers per thread and spill bytes (spills would hurt bandwidth)."""
     import re
     import subprocess
@@ -133,10 +149,10 @@ def _register_report(ptx: str, arch: int) -> tuple[str, int]:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
     spilled = int(spills.group(1)) + int(spills.group(2)) if spills else 0
     report = f"regs={registers.group(1) if registers else '?'} spill={spills.group(1) + '/' + spills.group(2) if spills else '?'}"
-    return report, spilled
+    return report, spilled, int(registers.group(1)) if registers else 0
 
 
-def aot_check(arch: int, fail_on_spill: bool = False) -> int:
+def aot_check(arch: int, fail_on_spill: bool = False, max_registers: int | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot-check compiles for the GPU: run it without TRITON_INTERPRET", file=sys.stderr)
         return 2
@@ -144,18 +160,20 @@ def aot_check(arch: int, fail_on_spill: bool = False) -> int:
     with _compile_instead_of_launch(arch, compiled):
         _drive_launchers()
     print(f"compiled {len(compiled)} kernel specialisations for sm_{arch}:")
-    spilling = 0
+    spilling = heavy = 0
     for (name, signature, constexprs, options), binary, seconds in compiled:
         shared = binary.metadata.shared
         pointer_types = ",".join(sorted({v for _, v in signature if v.startswith("*")}))
         shown = ", ".join(f"{k}={v}" for k, v in constexprs if k != "ACC")
-        registers, spilled = _register_report(binary.asm["ptx"], arch)
+        registers, spilled, count = _register_report(binary.asm["ptx"], arch)
         spilling += spilled > 0
+        heavy += max_registers is not None and count > max_registers
         print(f"  {name:30s} {pointer_types:18s} {shown:58s} warps={dict(options).get('num_warps', 4):<2d} {registers:16s} shared={shared}B")
     if spilling:
         print(f"{spilling} specialisation(s) spill registers to local memory")
-        return 1 if fail_on_spill else 0
-    return 0
+    if heavy:
+        print(f"{heavy} specialisation(s) use more than {max_registers} registers per thread")
+    return 1 if (fail_on_spill and spilling) or heavy else 0
 
 
 def main(argv=None) -> int:
@@ -164,9 +182,10 @@ def main(argv=None) -> int:
     check = sub.add_parser("aot-check", help="compile every kernel specialisation for a CUDA arch (no GPU needed)")
     check.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
     check.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any specialisation spills registers")
+    check.add_argument("--max-registers", type=int, default=None, help="exit 1 when a specialisation uses more registers per thread")
     args = parser.parse_args(argv)
     if args.command == "aot-check":
-        return aot_check(args.arch, args.fail_on_spill)
+        return aot_check(args.arch, args.fail_on_spill, args.max_registers)
     return 1
 
 

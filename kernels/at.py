@@ -102,7 +102,7 @@ def _channel_energy_kernel(
     for channel_start in range(0, channels, BLOCK_C):
         channel = channel_start + tl.arange(0, BLOCK_C)
         mask = (channel[:, None] < channels) & position_mask[None, :]
-        channel_ptr = sample_ptr + channel[:, None].to(tl.int64) * stride_c
+        channel_ptr = sample_ptr + channel[:, None] * stride_c
         if FLAT_POSITIONS:
             pooled = tl.load(channel_ptr + position_offsets[None, :], mask=mask, other=0.0).to(ACC)
         else:
@@ -208,8 +208,8 @@ def _attention_backward_kernel(
     for channel_start in range(0, channels, BLOCK_C):
         channel = channel_start + tl.arange(0, BLOCK_C)
         mask = (channel[:, None] < channels) & position_mask[None, :]
-        channel_ptr = sample_ptr + channel[:, None].to(tl.int64) * stride_c
-        grad_channel_ptr = grad_sample_ptr + channel[:, None].to(tl.int64) * grad_stride_c
+        channel_ptr = sample_ptr + channel[:, None] * stride_c
+        grad_channel_ptr = grad_sample_ptr + channel[:, None] * grad_stride_c
         if FLAT_POSITIONS:
             features = tl.load(channel_ptr + position_offsets[None, :], mask=mask, other=0.0).to(ACC)
             grad = features * coefficient
@@ -233,7 +233,6 @@ def _attention_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-
 def _acc_dtype_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -245,15 +244,21 @@ def _flat_positions(features: Tensor, pool_h: int, pool_w: int) -> bool:
     return pool_h == 1 and pool_w == 1 and (stride_h == width * stride_w or features.shape[2] == 1)
 
 
-def _tile_shape(features: Tensor, positions: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P): the long side of the tile follows the contiguous axis of the map."""
+def _tile_shape(features: Tensor, positions: int, pooled: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): the long side of the tile follows the contiguous axis of the map.
+
+    Pooled tiles are smaller: the window loop keeps one address set per window element live. On
+    sm_90 (``python -m kernels aot-check``) a 2048-element channels_last pooled backward tile spilled
+    and a 1024-element one took 255 registers; 512 takes 96. NCHW pooled tiles of 1024 take 64.
+    """
     channels_contiguous = features.stride(1) == 1 and features.shape[1] > 1
+    elements = (512 if channels_contiguous else 1024) if pooled else 2048
     if channels_contiguous:  # channels_last: C is the fast axis
         block_p = min(triton.next_power_of_2(positions), 16)
-        block_c = min(triton.next_power_of_2(features.shape[1]), 128)
+        block_c = min(triton.next_power_of_2(features.shape[1]), elements // 16)
     else:  # NCHW: positions are the fast axis
         block_p = min(triton.next_power_of_2(positions), 128)
-        block_c = min(triton.next_power_of_2(features.shape[1]), max(2048 // block_p, 1), 32)
+        block_c = min(triton.next_power_of_2(features.shape[1]), max(elements // block_p, 1), 32)
     return max(block_c, 1), max(block_p, 1)
 
 
@@ -262,7 +267,7 @@ def _launch_channel_energy(features: Tensor, out_hw: tuple[int, int], pool: tupl
     height_out, width_out = out_hw
     positions = height_out * width_out
     energy = torch.empty((samples, positions), device=features.device, dtype=acc)
-    block_c, block_p = _tile_shape(features, positions)
+    block_c, block_p = _tile_shape(features, positions, pooled=pool != (1, 1))
     grid = (samples, triton.cdiv(positions, block_p))
     _channel_energy_kernel[grid](
         features,
@@ -314,7 +319,7 @@ def _at_pair_backward(grad_loss: Tensor, student_map: Tensor, direction: Tensor,
     height_out, width_out = height_in // pool_h, width_in // pool_w
     positions = height_out * width_out
     grad_student = torch.empty_like(student_map)  # keeps channels_last when the input has it
-    block_c, block_p = _tile_shape(student_map, positions)
+    block_c, block_p = _tile_shape(student_map, positions, pooled=(pool_h, pool_w) != (1, 1))
     grid = (samples, triton.cdiv(positions, block_p))
     flat = _flat_positions(student_map, pool_h, pool_w) and _flat_positions(grad_student, pool_h, pool_w)
     _attention_backward_kernel[grid](

@@ -36,7 +36,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" |
   exit 2
 }
 
-python -m kernels aot-check --fail-on-spill 2>&1 | tee "$OUTDIR/aot-check.log"
+python -m kernels aot-check --fail-on-spill --max-registers 128 2>&1 | tee "$OUTDIR/aot-check.log"
 aot_rc=${PIPESTATUS[0]}
 
 python -m pytest tests/test_kernels_at.py tests/test_kernels_ib.py -q -rs --durations=10 2>&1 | tee "$OUTDIR/pytest.log"

@@ -306,11 +306,13 @@ def _student_loss_backward_kernel(
     p_student = tl.exp(student - lse_s1)
     target_a = tl.load(target_a_ptr + row)
     target_b = tl.load(target_b_ptr + row)
-    # q_y = (1 - e) onehot(y) + e/K, mixed: lam q_a + (1 - lam) q_b (built in ACC: a where() on
-    # two Python scalars would be fp32 and cost fp64 runs their precision)
+    # q_y = (1 - e) onehot(y) + e/K, mixed: lam q_a + (1 - lam) q_b. Built from ACC vectors: a where()
+    # on two Python scalars would be fp32, and `classes` may arrive as a constexpr (Triton
+    # specialises ints equal to 1), which has no .to().
     one_hot_a = (ks == target_a).to(ACC)
     one_hot_b = (ks == target_b).to(ACC)
-    target_mass = (1.0 - label_smoothing) * (lam * one_hot_a + (1.0 - lam) * one_hot_b) + label_smoothing / classes.to(ACC)
+    uniform_mass = (one_hot_a * 0.0 + label_smoothing) / classes
+    target_mass = (1.0 - label_smoothing) * (lam * one_hot_a + (1.0 - lam) * one_hot_b) + uniform_mass
     grad_student = grad_kd * temperature * (p_student_t - p_synergy_t) + grad_ce * (p_student - target_mass)
     tl.store(grad_student_ptr + row * classes + ks, grad_student.to(grad_student_ptr.dtype.element_ty), mask=class_mask)
 
@@ -381,7 +383,9 @@ def _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synerg
     return partials.sum(0), stats
 
 
-def _student_loss_backward(grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
+def _student_loss_backward(
+    grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing
+):
     rows, latent_dim = z_s.shape
     grad_terms = grad_terms.contiguous()
     classes = student_logits.shape[1]

@@ -64,7 +64,10 @@ def _reference(students, teachers, weights):
     return reference.attention_transfer_loss(students, teachers, weights)
 
 
-TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}
+# fp64: the interpreter keeps Python-float kernel arguments (1/(N P), eps) in double; a GPU launch
+# types them fp32, so there fp64 agrees with the fp64 reference to about 1e-8 relative only.
+FP64_RTOL = 1e-10 if DEVICE == "cpu" else 1e-6
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.float64: dict(rtol=FP64_RTOL, atol=1e-14)}
 
 PAIR_SHAPES = {
     "same-size": ((2, 3, 4, 4), (2, 5, 4, 4)),
@@ -75,6 +78,10 @@ PAIR_SHAPES = {
     "non-integer-7x7-to-4x4": ((2, 3, 7, 7), (2, 5, 4, 4)),
     "many-channels": ((2, 70, 3, 5), (2, 33, 3, 5)),  # more than one channel block
     "many-positions": ((1, 2, 17, 16), (1, 3, 17, 16)),  # more than one position block
+    # sizes of 1 (Triton turns int arguments equal to 1 into constants on a GPU)
+    "one-channel": ((2, 1, 4, 4), (2, 1, 4, 4)),
+    "width-1": ((2, 3, 5, 1), (2, 2, 5, 1)),
+    "pooled-to-1x1": ((2, 3, 2, 2), (2, 4, 1, 1)),
 }
 
 
@@ -202,7 +209,9 @@ def test_zero_student_sample_beside_nonzero_one():
 
 
 @pytest.mark.parametrize("loss_fn", [_triton, _reference], ids=["triton", "reference"])
-@pytest.mark.parametrize("shapes", [((2, 3, 4, 4), (2, 2, 2, 2)), ((1, 2, 3, 3), (1, 3, 3, 3)), ((2, 2, 3, 3), (2, 2, 2, 2))], ids=["pooled", "same", "fallback"])
+@pytest.mark.parametrize(
+    "shapes", [((2, 3, 4, 4), (2, 2, 2, 2)), ((1, 2, 3, 3), (1, 3, 3, 3)), ((2, 2, 3, 3), (2, 2, 2, 2))], ids=["pooled", "same", "fallback"]
+)
 def test_gradcheck_fp64(loss_fn, shapes):
     student, teacher = _maps(*shapes, dtype=torch.float64, seed=5)
     student.requires_grad_(True)
@@ -343,7 +352,11 @@ def test_compiling_under_torch_func_is_detected_at_trace_time():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shapes", [((8, 64, 32, 32), (8, 256, 32, 32)), ((8, 128, 16, 16), (8, 512, 8, 8)), ((4, 24, 7, 7), (4, 40, 7, 7))], ids=["cifar", "pooled", "7x7"])
+@pytest.mark.parametrize(
+    "shapes",
+    [((8, 64, 32, 32), (8, 256, 32, 32)), ((8, 128, 16, 16), (8, 512, 8, 8)), ((4, 24, 7, 7), (4, 40, 7, 7))],
+    ids=["cifar", "pooled", "7x7"],
+)
 def test_half_precision_matches_fp32_reference(dtype, channels_last, shapes):
     student, teacher = _maps(*shapes, dtype=dtype, channels_last=channels_last)
     loss, grads, _, _ = _loss_and_grads(_triton, [student], [teacher], grad_output=1000.0)
@@ -392,11 +405,14 @@ def test_compiled_train_step_shapes_on_gpu():
 
 @pytest.mark.slow
 def test_every_kernel_specialisation_compiles_for_hopper_without_spills():
-    """The interpreter is lenient; ``python -m kernels aot-check`` compiles each launch to an sm_90 cubin."""
+    """The interpreter is lenient; ``python -m kernels aot-check`` compiles each launch to an sm_90 cubin.
+
+    No spills, and at most 128 registers per thread (occupancy for the bandwidth-bound AT kernels).
+    """
     pytest.importorskip("triton.backends.nvidia.compiler")
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "kernels", "aot-check", "--fail-on-spill"],
+        [sys.executable, "-m", "kernels", "aot-check", "--fail-on-spill", "--max-registers", "128"],
         cwd=Path(__file__).resolve().parents[1], env=environment, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

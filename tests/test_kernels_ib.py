@@ -22,7 +22,10 @@ from kernels._dispatch import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-13)}
+# fp64: the interpreter keeps Python-float kernel arguments (1/N, eps, label smoothing) in double; a
+# GPU launch types them fp32, so there fp64 agrees with the fp64 reference to about 1e-8 relative.
+FP64_RTOL = 1e-10 if DEVICE == "cpu" else 1e-6
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=FP64_RTOL, atol=1e-13 if DEVICE == "cpu" else 1e-9)}
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +238,13 @@ def test_reparam_kl_triton_under_func_grad_and_value():
 # Stage B: Triton vs reference
 # ----------------------------------------------------------------------------------------------
 
-STUDENT_SHAPES = {"N1": (1, 5, 3), "odd": (6, 37, 10), "cifar100-like": (4, 64, 100), "wide-latent": (3, 512, 7)}
+STUDENT_SHAPES = {
+    "N1": (1, 5, 3),
+    "odd": (6, 37, 10),
+    "cifar100-like": (4, 64, 100),
+    "wide-latent": (3, 512, 7),
+    "Z2-K2": (3, 2, 2),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
