@@ -422,6 +422,11 @@ class _AttentionTransferPair(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def _in_sample_extent(features: Tensor) -> int:
+    """Largest element offset inside one sample; the kernels index within a sample in int32."""
+    return sum((size - 1) * stride for size, stride in zip(features.shape[1:], features.stride()[1:]))
+
+
 def _check_pair(student_map: Tensor, teacher_map: Tensor) -> None:
     if student_map.dim() != 4 or teacher_map.dim() != 4:
         raise ValueError(
@@ -436,6 +441,8 @@ def _check_pair(student_map: Tensor, teacher_map: Tensor) -> None:
 
 def _triton_pair_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
     teacher_map = teacher_map.detach()
+    if max(_in_sample_extent(student_map), _in_sample_extent(teacher_map)) >= 2**31:
+        raise ValueError("attention_transfer_loss (triton): one sample's map spans >= 2**31 elements; use backend='reference'")
     (height_s, width_s), (height_t, width_t) = student_map.shape[-2:], teacher_map.shape[-2:]
     integer_ratio = height_s % height_t == 0 and width_s % width_t == 0
     if integer_ratio:  # the box average is fused into the kernels
