@@ -350,14 +350,15 @@ def _at_pair_backward(grad_loss: Tensor, student_map: Tensor, direction: Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops around the launchers, and the autograd.Function (ctx-free forward + setup_context:
-# the form torch.func and torch.compile accept)
+# Dispatcher ops around the launchers, and the autograd.Function (ctx-free forward +
+# setup_context: the form torch.func and torch.compile accept)
 # ----------------------------------------------------------------------------------------------
-# The launchers are registered as (non-differentiable) custom ops so that every transform sees one
-# opaque op with a fake (shape-only) implementation: torch.compile traces it without looking into
-# Triton, and under torch.func.grad the backward's wrapped tensors are unwrapped by the dispatcher
-# before the kernel gets them. Differentiation stays with the autograd.Function.
-
+# Each launcher is a plain, non-differentiable dispatcher op (torch.library.define, not
+# torch.library.custom_op, whose autograd wrapper torch.func rejects) with a fake, shape-only
+# implementation. torch.compile then traces one opaque op without looking into Triton (Dynamo's
+# own Triton-kernel capture has no torch.func rule), and under torch.func.grad the dispatcher
+# unwraps the backward's grad-tracking tensors before a kernel receives them.
+# Differentiation stays with the autograd.Function.
 
 _LIBRARY = torch.library.Library("asmb_kd", "FRAGMENT")
 _LIBRARY.define("attention_transfer_pair_forward(Tensor student_map, Tensor teacher_map, int pool_h, int pool_w) -> (Tensor, Tensor)")
