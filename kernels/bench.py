@@ -376,7 +376,15 @@ def _mode_thunk(problem: Problem, provider: str, mode: str):
     return forward, (lambda outputs: torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True))
 
 
-def run(cases: Sequence[Case], providers: Sequence[str], modes: Sequence[str], dtypes: Sequence[str], device: torch.device, budget_s: float, log=print) -> list[Row]:
+def run(
+    cases: Sequence[Case],
+    providers: Sequence[str],
+    modes: Sequence[str],
+    dtypes: Sequence[str],
+    device: torch.device,
+    budget_s: float,
+    log=print,
+) -> list[Row]:
     rows: list[Row] = []
     for case in cases:
         for dtype_name in dtypes:
