@@ -151,11 +151,13 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tens
         scale = state["scaler"]["scale"] if use_scaler else torch.ones((), device=step.device)
         grads, (_, (loss, new_buffers, metrics)) = grad_and_value(scaled_loss, has_aux=True)(
             state["params"], state["buffers"], state["frozen"], batch, step, scale)
-        grads = T.tree_map(lambda g: g / scale, grads)
+        if use_scaler:
+            grads = T.tree_map(lambda g: g / scale, grads)
         norm = global_norm(grads)
         threshold = clip_fn(step) if clip_fn is not None else torch.zeros((), device=norm.device)
-        coef = clip_coefficient(norm, threshold)
-        grads = T.tree_map(lambda g: g * coef.to(g.dtype), grads)
+        if clip_fn is not None:  # a Python-level choice made once per recipe, not a branch on a tensor
+            coef = clip_coefficient(norm, threshold)
+            grads = T.tree_map(lambda g: g * coef.to(g.dtype), grads)
         lr = lr_fn(step)
         params, opt_state = optimizer.update(grads, state["opt"], state["params"], lr)
 
