@@ -20,7 +20,7 @@ from kd.supervised import Extras, prepare, resolve_resume, train_network
 def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
     """Fine-tune the teacher with ``recipes.teacher`` when its checkpoint is missing (as the original
     ``run_ibkd.sh`` did). The teacher sees the same dataset, split and seed as the student, so the
-    validation images stay unseen by both."""
+    validation images stay unseen by both. The teacher recipe's own defaults (SPEC 5) apply otherwise."""
     if Path(ckpt).exists():
         return
     from recipes import teacher
@@ -32,8 +32,10 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -
                                train_subset=cfg.data.train_subset, synthetic_size=cfg.data.synthetic_size,
                                synthetic_classes=cfg.data.synthetic_classes, batch_size=cfg.data.batch_size,
                                eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
+    # SPEC 5 warms up for 5 of 30 epochs: keep that ratio when fewer fine-tuning epochs are asked for.
+    optim = dataclasses.replace(base.optim, warmup_epochs=min(base.optim.warmup_epochs, epochs / 6))
     teacher.run(dataclasses.replace(
-        base, teacher=model, ckpt=ckpt, data=data, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
+        base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
         device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
         out_dir=cfg.out_dir, log_every=cfg.log_every, run_name="", resume=""))
 

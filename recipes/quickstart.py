@@ -1,6 +1,6 @@
 """Quickstart: the whole ASMB pipeline on the built-in synthetic data in a few minutes on a laptop CPU.
 
-Fine-tunes two small, different teachers (resnet20, wrn_16_2), trains the MBM (stage A) and the student
+Fine-tunes two small, different teachers (resnet20, wrn_16_1), trains the MBM (stage A) and the student
 (resnet8, stage B), trains the same student alone (CE baseline), and writes a comparison report.
 Compilation is off by default because on a CPU compiling takes longer than this whole run; pass
 ``--compile True`` on a GPU.
@@ -34,13 +34,13 @@ CONFIG = QuickstartConfig(
     data=dataclasses.replace(ibkd.CONFIG.data, name="synthetic", synthetic_size=2400, synthetic_classes=10,
                              val_size=400, batch_size=64),
     optim=dataclasses.replace(ibkd.CONFIG.optim, warmup_epochs=1),
-    epochs=12,
+    epochs=8,
     student=ModelConfig(arch="resnet8"),
     teacher1=ModelConfig(arch="resnet20", pretrained=False),
     teacher1_ckpt="checkpoints/quickstart/resnet20.safetensors",
-    teacher2=ModelConfig(arch="wrn_16_2", pretrained=False),
-    teacher2_ckpt="checkpoints/quickstart/wrn_16_2.safetensors",
-    teacher_epochs=8,
+    teacher2=ModelConfig(arch="wrn_16_1", pretrained=False),
+    teacher2_ckpt="checkpoints/quickstart/wrn_16_1.safetensors",
+    teacher_epochs=10,
     stage_a=StageAConfig(epochs=15, batch_size=128),
     compile=False,
     log_every=10,
