@@ -85,10 +85,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def to_json(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
-
-
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested, frozen) config dataclass from :func:`to_dict`'s output."""
     hints = typing.get_type_hints(cls)

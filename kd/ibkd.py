@@ -22,8 +22,7 @@ from torch import Tensor
 import kernels
 
 from . import tree as T
-from .data import Dataset, Splits, crop_flip, eval_batches
-from .data import DataConfig
+from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches
 from .losses import clip_threshold, feature_alignment, kd_ramp, latent_weight, lerp, progress
 from .mbm import MBM
 from .modeling import Net
@@ -117,16 +116,23 @@ def augmented_view(data: Dataset, view: int, seed: int) -> Dataset:
 
 @dataclass
 class FeatureCache:
-    """Pooled teacher features per view: ``pooled[v][i]`` is a (N, C_i) tensor; logits for accuracy."""
+    """Pooled teacher features stacked over views: ``teacher1[v, i]`` is image i's (C1,) feature in view v;
+    logits per view for teacher accuracy."""
 
-    pooled: list[tuple[Tensor, Tensor]]
+    teacher1: Tensor  # (V, N, C1)
+    teacher2: Tensor  # (V, N, C2)
     logits: list[tuple[Tensor, Tensor]]
     labels: Tensor
+
+    @property
+    def pooled(self) -> list[tuple[Tensor, Tensor]]:
+        """Per view, the two teachers' (N, C) features (views into the stacked tensors)."""
+        return [(self.teacher1[v], self.teacher2[v]) for v in range(self.teacher1.shape[0])]
 
 
 def build_cache(teachers: tuple[Net, Net], data: Dataset, splits: Splits, data_cfg: DataConfig, *, views: int,
                 seed: int, device: torch.device, channels_last: bool = False) -> FeatureCache:
-    pooled, logits = [], []
+    pooled1, pooled2, logits = [], [], []
     for view in range(views):
         p1, p2, l1, l2 = [], [], [], []
         for batch in eval_batches(augmented_view(data, view, seed), splits, data_cfg, device=device):
@@ -134,9 +140,10 @@ def build_cache(teachers: tuple[Net, Net], data: Dataset, splits: Splits, data_c
             out_logits, out_pooled, _ = teacher_outputs(teachers, x)
             l1.append(out_logits[0].float()), l2.append(out_logits[1].float())
             p1.append(out_pooled[0].float()), p2.append(out_pooled[1].float())
-        pooled.append((torch.cat(p1), torch.cat(p2)))
+        pooled1.append(torch.cat(p1))
+        pooled2.append(torch.cat(p2))
         logits.append((torch.cat(l1), torch.cat(l2)))
-    return FeatureCache(pooled, logits, data.labels.to(device))
+    return FeatureCache(torch.stack(pooled1), torch.stack(pooled2), logits, data.labels.to(device))
 
 
 def cached_batches(cache: FeatureCache, batch_size: int, *, seed: int, epoch: int):
@@ -144,19 +151,14 @@ def cached_batches(cache: FeatureCache, batch_size: int, *, seed: int, epoch: in
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     n = len(cache.labels)
     order = torch.randperm(n, generator=generator)
-    views = torch.randint(0, len(cache.pooled), (n,), generator=generator)
+    views = torch.randint(0, cache.teacher1.shape[0], (n,), generator=generator)
     device = cache.labels.device
-    stacked1 = torch.stack([p[0] for p in cache.pooled]) if len(cache.pooled) > 1 else None
-    stacked2 = torch.stack([p[1] for p in cache.pooled]) if len(cache.pooled) > 1 else None
     for start in range(0, n - batch_size + 1, batch_size):
         index = order[start:start + batch_size].to(device)
-        if stacked1 is None:
-            f1, f2 = cache.pooled[0][0][index], cache.pooled[0][1][index]
-        else:
-            v = views[start:start + batch_size].to(device)
-            f1, f2 = stacked1[v, index], stacked2[v, index]
+        view = views[start:start + batch_size].to(device)
         y = cache.labels[index]
-        yield {"f1": f1, "f2": f2, "y_a": y, "y_b": y, "lam": torch.ones((), device=device)}
+        yield {"f1": cache.teacher1[view, index], "f2": cache.teacher2[view, index], "y_a": y, "y_b": y,
+               "lam": torch.ones((), device=device)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import tree as T
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig, to_dict, to_json
+from .config import RunConfig, to_dict
 from .data import Dataset, Splits, eval_batches, steps_per_epoch, train_batches
 from .errors import CheckpointError, NonFiniteLossError
 from .step import accuracy_counts, read_metrics
@@ -90,7 +90,11 @@ class LoopResult:
     best_ema_val: float
     epochs_run: int
     train_seconds: float
-    images_per_second: float
+    images_seen: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_seen / max(self.train_seconds, 1e-9)
 
 
 def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable, splits: Splits,
@@ -169,8 +173,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
         save_train_state(run.path(f"{file_prefix}last.safetensors"), state, {
             **weight_meta, "epoch": epoch + 1, "best_val": best_val, "best_ema_val": best_ema_val,
             "train_seconds": train_seconds, "images_seen": images_seen, "tag": tag})
-    return LoopResult(state, best_val, best_ema_val, epochs, train_seconds,
-                      images_seen / max(train_seconds, 1e-9))
+    return LoopResult(state, best_val, best_ema_val, epochs, train_seconds, images_seen)
 
 
 def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, Any]) -> None:
@@ -227,7 +230,3 @@ def final_report(run: Run, *, state: T.Tree, part: str, eval_fn: Callable, split
         out[f"{name}_val_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.val, splits, cfg, device)
         out[f"{name}_test_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.test, splits, cfg, device)
     return out
-
-
-def config_json(cfg: Any) -> str:
-    return to_json(cfg)

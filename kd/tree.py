@@ -68,10 +68,6 @@ def detach(tree: Tree) -> Tree:
     return tree_map(lambda t: t.detach(), tree)
 
 
-def to(tree: Tree, device: torch.device | str) -> Tree:
-    return tree_map(lambda t: t.to(device), tree)
-
-
 def map_like(structure: Tree, values: list[Tensor]) -> Tree:
     """Rebuild a tree with the structure of ``structure`` from leaves in :func:`flatten` order."""
     names = list(flatten(structure))

@@ -146,7 +146,7 @@ def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     cache_seconds = time.perf_counter() - t0
 
     # The MBM (trained in stage A, frozen in stage B) and the student side.
-    dims = (caches["train"].pooled[0][0].shape[1], caches["train"].pooled[0][1].shape[1])
+    dims = (caches["train"].teacher1.shape[-1], caches["train"].teacher2.shape[-1])
     torch.manual_seed(cfg.seed)
     mbm_train = MBM(cfg.mbm, dims, k).to(device).train()
     mbm_eval = copy.deepcopy(mbm_train).eval()
@@ -200,7 +200,7 @@ def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
                             eval_fn=eval_fn, weight_meta=meta, epochs=end, tag="", resume_info=info)
         state = result.state
         info = {"epoch": end, "best_val": result.best_val, "best_ema_val": result.best_ema_val,
-                "train_seconds": result.train_seconds, "images_seen": int(result.images_per_second * result.train_seconds)}
+                "train_seconds": result.train_seconds, "images_seen": result.images_seen}
         summary[f"stage{stage + 1}_student_val_acc"] = result.best_val
     accuracies = final_report(run_dir, state=state, part="student", eval_fn=eval_fn, splits=splits, cfg=cfg,
                               device=device, weight_meta=meta)
