@@ -1,13 +1,18 @@
-"""kd/data.py: readers (tiny CIFAR files written here, the real Fashion-MNIST), the synthetic set, splits,
-augmentation primitives against hand-computed results, and the batch stream's determinism and shapes."""
+"""kd/data (in-memory sets): readers (tiny CIFAR files written here, the real Fashion-MNIST), the synthetic
+set, splits, input errors (one line, before anything is created), augmentation primitives against
+hand-computed results, and the batch stream's determinism, shapes and data-parallel shards.
+Folder data has its own file, tests/test_folder_data.py."""
 
 import ast
 import gzip
 import inspect
-import math
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -17,10 +22,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from kd import data
 from kd.data import (
     DataConfig,
-    Dataset,
     Splits,
     crop_flip,
     cutmix,
@@ -33,6 +36,11 @@ from kd.data import (
     steps_per_epoch,
     train_batches,
 )
+from kd.data import readers
+from kd.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,6 +108,9 @@ def test_every_config_field_has_a_docstring():
         dict(mixup_alpha=-0.1),
         dict(cutmix_prob=1.5),
         dict(synthetic_classes=1),
+        dict(workers=-1),
+        dict(image_size=64),  # in-memory sets are 32x32
+        dict(name="folder", image_size=4),
     ],
 )
 def test_config_rejects_bad_values(overrides):
@@ -173,26 +184,73 @@ def test_cifar_reader_on_tiny_files(tmp_path, name, num_classes):
     np.testing.assert_allclose(splits.std, pixels.std(axis=1), rtol=1e-9)
 
 
-def test_cifar_missing_offline_says_where_the_files_go(tmp_path, monkeypatch):
+@pytest.fixture
+def download_attempts(monkeypatch):
+    """The URLs torchvision was asked to download (each attempt fails: the network is off)."""
     from torchvision.datasets import utils as tv_utils
 
     attempts = []
-    real_download = tv_utils.download_and_extract_archive
+    real_download = tv_utils.download_url
 
     def spy(url, *args, **kwargs):
         attempts.append(url)
-        return real_download(url, *args, **kwargs)  # fails: the network is off
+        return real_download(url, *args, **kwargs)
 
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", spy)
-    with pytest.raises(FileNotFoundError) as raised:
+    monkeypatch.setattr(tv_utils, "download_url", spy)
+    return attempts
+
+
+def test_cifar_missing_offline_says_where_the_files_go(tmp_path, download_attempts):
+    with pytest.raises(DataError) as raised:
         load_splits(DataConfig(name="cifar100", root=str(tmp_path / "nowhere")), seed=0)
     message = str(raised.value)
-    assert attempts == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
+    assert download_attempts == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
     assert "\n" not in message
-    assert "CIFAR-100 is missing" in message
+    assert "CIFAR-100 is missing and could not be downloaded" in message
     assert str((tmp_path / "nowhere" / "cifar-100-python").resolve()) + "/" in message
     assert "`train`, `test`, `meta`" in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
+    assert not (tmp_path / "nowhere").exists()  # created only once a download has succeeded
+
+
+def test_cifar_root_that_cannot_be_created_fails_before_downloading(tmp_path, download_attempts):
+    root = tmp_path / "missing-parent" / "x"
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(name="cifar10", root=str(root)), seed=0)
+    message = str(raised.value)
+    assert download_attempts == []
+    assert "\n" not in message and message.startswith("CIFAR-10 is missing and cannot be downloaded")
+    assert f"{root} does not exist and neither does {root.parent}" in message
+    assert str(root / "cifar-10-batches-py") + "/" in message
+    assert not (tmp_path / "missing-parent").exists()
+
+
+def test_cifar_root_in_a_read_only_directory_fails_before_downloading(tmp_path, download_attempts, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Simulated, so that the test also means something when it runs as root (who may write anywhere).
+    monkeypatch.setattr(readers.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(name="cifar100", root=str(locked / "data")), seed=0)
+    assert f"cannot be downloaded: {locked} is not writable" in str(raised.value)
+    assert download_attempts == [] and not (locked / "data").exists()
+
+
+def test_cli_missing_cifar_root_is_one_line_and_creates_nothing(tmp_path):
+    missing = Path("/nonexistent/x")
+    assert not missing.parent.exists()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "recipes.ce", "--data.name", "cifar100", "--data.root", str(missing),
+         "--compile", "False", "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path / "runs")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CIFAR-100 is missing"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "/nonexistent/x/cifar-100-python/" in lines[0]
+    assert not missing.parent.exists() and not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,17 +263,24 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_idx_parser_and_padding(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+def write_fashion_mnist(directory: Path) -> np.ndarray:
+    """20 train and 6 test images with no zero pixel; returns the test images."""
+    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     train_images = rng.integers(1, 256, size=(20, 28, 28), dtype=np.uint8)
     test_images = rng.integers(1, 256, size=(6, 28, 28), dtype=np.uint8)
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_images)
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
-    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_images)
-    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(6) % 10)
+    write_idx(directory / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(directory / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", test_images)
+    write_idx(directory / "t10k-labels-idx1-ubyte.gz", np.arange(6) % 10)
+    return test_images
 
-    splits = load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path), val_size=4), seed=0)
+
+def test_fashion_mnist_idx_parser_and_padding(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    test_images = write_fashion_mnist(tmp_path)
+
+    splits = load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path), val_size=4, batch_size=8), seed=0)
     test = splits.test.images
     assert test.shape == (6, 3, 32, 32)
     for channel in range(3):
@@ -227,9 +292,9 @@ def test_fashion_mnist_idx_parser_and_padding(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_missing_names_the_directory_and_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
-    with pytest.raises(FileNotFoundError) as raised:
-        load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path / "empty")), seed=0)
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    with pytest.raises(DataError) as raised:
+        load_splits(DataConfig(name="fashion_mnist"), seed=0)
     message = str(raised.value)
     assert "\n" not in message
     assert str(tmp_path / "not-installed") in message
@@ -237,8 +302,33 @@ def test_fashion_mnist_missing_names_the_directory_and_package(tmp_path, monkeyp
     assert "train-images-idx3-ubyte.gz" in message
 
 
+def test_fashion_mnist_given_root_never_falls_back_to_the_system_copy(tmp_path, monkeypatch):
+    write_fashion_mnist(tmp_path / "system")  # a valid system copy that must not be used
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "system"))
+    assert len(load_splits(DataConfig(name="fashion_mnist", val_size=4, batch_size=8), seed=0).test) == 6
+    for root, says in ((tmp_path / "nonexistent", "does not exist"), (tmp_path / "empty", "Fashion-MNIST is missing")):
+        if root.name == "empty":
+            root.mkdir()
+        with pytest.raises(DataError) as raised:
+            load_splits(DataConfig(name="fashion_mnist", root=str(root), val_size=4, batch_size=8), seed=0)
+        message = str(raised.value)
+        assert "\n" not in message and says in message and str(root.resolve()) in message, message
+        assert not (tmp_path / "nonexistent").exists()
+
+
+def test_fashion_mnist_truncated_file_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    write_fashion_mnist(tmp_path)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "rb") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-10])
+    with pytest.raises(DataError, match="is truncated"):
+        load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path), val_size=4, batch_size=8), seed=0)
+
+
+@pytest.mark.requires_fashion_mnist  # skipped with the reason where Debian's package is absent
 def test_fashion_mnist_real_files():
-    # The dataset-fashion-mnist package is installed here and in CI; a missing install fails with its message.
     splits = load_splits(DataConfig(name="fashion_mnist", val_size=5000), seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (55000, 5000, 10000)
     assert splits.num_classes == 10 and not splits.synthetic
@@ -320,14 +410,39 @@ def test_validation_split_is_disjoint_seeded_and_leaves_test_alone():
     assert len(subset.train) == 64 and torch.equal(subset.val.images, splits.val.images)
     assert set(image_keys(subset.train.images)) <= set(train_keys)
 
-    with pytest.raises(ValueError, match="train_subset"):
+    with pytest.raises(ConfigError, match="train_subset"):
         load_splits(replace(cfg, train_subset=301), seed=0)
 
 
-def test_validation_larger_than_the_training_set_is_refused(tmp_path):
+@pytest.mark.parametrize("overrides, says", [
+    (dict(val_size=100), "data.val_size=100 leaves no training images (CIFAR-10 has 100)"),
+    (dict(val_size=100000), "data.val_size=100000 leaves no training images"),
+    (dict(val_size=10, train_subset=100000), "data.train_subset=100000 exceeds the 90 training images left after "
+                                             "holding out 10 for validation"),
+    (dict(val_size=10, batch_size=1000), "data.batch_size=1000 is larger than the training split (90 images)"),
+    (dict(val_size=10, train_subset=20, batch_size=32), "data.batch_size=32 is larger than the training split (20"),
+])
+def test_impossible_sizes_are_one_line_before_any_work(tmp_path, overrides, says):
     write_cifar(tmp_path, "cifar10", n_train=100, n_test=10)
-    with pytest.raises(ValueError, match="val_size=100"):
-        load_splits(DataConfig(name="cifar10", root=str(tmp_path), val_size=100), seed=0)
+    with pytest.raises(ConfigError) as raised:
+        load_splits(DataConfig(name="cifar10", root=str(tmp_path), **overrides), seed=0)
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_synthetic_validation_larger_than_the_set_is_refused_before_rendering(monkeypatch):
+    from kd.data import splits as splits_module
+
+    def render(*args, **kwargs):
+        raise AssertionError("rendered before the sizes were checked")
+
+    monkeypatch.setattr(splits_module, "make_synthetic", render)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as raised:
+        load_splits(DataConfig(name="synthetic", val_size=100000), seed=0)
+    assert time.perf_counter() - started < 1.0
+    message = str(raised.value)
+    assert message == ("data.val_size=100000 is larger than the synthetic training set (data.synthetic_size=2000); "
+                       "lower --data.val-size or raise --data.synthetic-size")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,5 +666,64 @@ def test_training_drops_the_last_batch_and_keeps_one_shape():
     assert all(float(b["lam"]) == 1.0 and torch.equal(b["y_b"], b["y_a"]) for b in plain)
     assert torch.equal(denormalize(plain[0]["x"], splits), splits.train.images[plain[0]["index"]])
 
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         steps_per_epoch(splits, replace(cfg, batch_size=513))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-parallel shards
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_shards_concatenate_to_the_global_batch(world_size):
+    # Crops, flips, RandAugment, mixup and CutMix all on: a rank's images are mixed with partners that may
+    # live on another rank, and must come out exactly as in the single-process batch.
+    splits, cfg = small_synthetic(synthetic_size=128, batch_size=32, randaugment_n=2, randaugment_m=13,
+                                  mixup_alpha=0.4, cutmix_alpha=1.0)
+    whole = collect(train_batches(splits, cfg, seed=7, epoch=1))
+    shards = [collect(train_batches(splits, cfg, seed=7, epoch=1, rank=rank, world_size=world_size))
+              for rank in range(world_size)]
+    assert {len(shard) for shard in shards} == {len(whole)} == {4}
+    lams = set()
+    for step, batch in enumerate(whole):
+        for rank, shard in enumerate(shards):
+            part = shard[step]
+            assert part["x"].shape == (32 // world_size, 3, 32, 32) and part["index"].shape == (32 // world_size,)
+            assert torch.equal(part["lam"], batch["lam"])
+        for key in ("x", "y_a", "y_b", "index"):
+            assert torch.equal(torch.cat([shard[step][key] for shard in shards]), batch[key]), (step, key)
+        lams.add(float(batch["lam"]))
+    assert len(lams) == len(whole) and 1.0 not in lams  # every batch was mixed
+    # Without augmentation too, and the shards of one step are disjoint.
+    plain = [collect(train_batches(splits, cfg, seed=7, epoch=1, augment=False, rank=rank, world_size=world_size))
+             for rank in range(world_size)]
+    first = [set(shard[0]["index"].tolist()) for shard in plain]
+    assert sum(len(part) for part in first) == len(set().union(*first)) == 32
+
+
+def test_eval_shards_cover_every_image_exactly_once():
+    splits, cfg = small_synthetic(eval_batch_size=50)  # 128 validation images: batches of 50, 50, 28
+    whole = collect(eval_batches(splits.val, splits, cfg))
+    shards = [collect(eval_batches(splits.val, splits, cfg, rank=rank, world_size=3)) for rank in range(3)]
+    counts = [sum(b["x"].shape[0] for b in shard) for shard in shards]
+    assert sum(counts) == len(splits.val) and max(counts) - min(counts) <= 3  # unequal counts, no padding
+    seen = torch.cat([b["index"] for shard in shards for b in shard])
+    assert sorted(seen.tolist()) == list(range(len(splits.val)))
+    by_index = {int(i): (x, y) for b in whole for i, x, y in zip(b["index"], b["x"], b["y_a"])}
+    for shard in shards:
+        for b in shard:
+            for i, x, y in zip(b["index"], b["x"], b["y_a"]):
+                assert torch.equal(x, by_index[int(i)][0]) and int(y) == int(by_index[int(i)][1])
+    # One image per rank at most in a batch smaller than the world: the empty shards are skipped.
+    tiny = collect(eval_batches(splits.val, splits, replace(cfg, eval_batch_size=2), rank=2, world_size=3))
+    assert tiny == []
+
+
+def test_shard_arguments_are_checked():
+    splits, cfg = small_synthetic(batch_size=32)
+    with pytest.raises(ConfigError, match="batch_size=32 is not divisible by the world size 3"):
+        train_batches(splits, cfg, seed=0, epoch=0, rank=0, world_size=3)
+    with pytest.raises(ConfigError, match="rank"):
+        train_batches(splits, cfg, seed=0, epoch=0, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="rank"):
+        eval_batches(splits.val, splits, cfg, rank=-1, world_size=2)
