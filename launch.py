@@ -2,8 +2,11 @@
 
 Imports the recipe module, parses overrides of any field of its typed default config with tyro
 (``--help`` lists them all with docstrings and defaults), and runs it. ``python launch.py`` alone lists
-the recipes. Errors caused by input (bad checkpoint, missing dataset, NaN loss...) end in one line and a
-non-zero exit; an unknown field or a wrong type is rejected by tyro before any work starts.
+the recipes. Errors caused by the input or the machine (a bad flag value or checkpoint, a missing dataset,
+an unwritable or full disk, a NaN loss...) end in one line ``error: ...`` on stderr and exit code 1: a
+failure before training creates nothing, a later one leaves the last complete checkpoints. An unknown
+field or a wrong type is rejected by tyro (exit code 2) before any work starts. Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "list"):
@@ -61,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {name} is not a recipe (it has no main())", file=sys.stderr)
         return 2
 
-    from kd.errors import KDError
+    from kd.errors import ENVIRONMENT_ERRNOS, KDError, describe_os_error
 
     try:
         return int(module.main(rest, prog=f"launch.py {name}") or 0)
     except KDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # The machine's fault (full disk, read-only or forbidden folder) where no KDError named the file;
+        # any other OSError is a bug and keeps its traceback.
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {one_line(describe_os_error(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the last epoch's checkpoint is in the run directory (resume with --resume RUN_DIR)",

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import tree as T
-from .errors import CheckpointError
+from .errors import CheckpointError, writing
 
 FORMAT = "asmb-kd/1"
 
@@ -34,54 +34,107 @@ def _as_storable(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def save_checkpoint(path: str | os.PathLike, tree: T.Tree, metadata: dict[str, Any]) -> Path:
-    """Write ``tree`` (nested dicts of tensors) and ``metadata`` (values JSON-encoded unless str)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and rename: a crash or a full
+    disk leaves the previous file intact (an interrupted write can leave a ``*.tmp`` file, which a resumed run
+    removes). A full disk or an unwritable folder is one :class:`OutputError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {k: _as_storable(v) for k, v in T.flatten(tree).items()}
-    meta = {"format": FORMAT, "code_version": code_version()}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    data = st_save(flat, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the group
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    return load_checkpoint(path)[1]
+def save_checkpoint(path: str | os.PathLike, tree: T.Tree, metadata: dict[str, Any]) -> Path:
+    """Write ``tree`` (nested dicts of tensors) and ``metadata`` (values JSON-encoded unless str)."""
+    flat = {k: _as_storable(v) for k, v in T.flatten(tree).items()}
+    meta = {"format": FORMAT, "code_version": code_version()}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return write_atomically(path, st_save(flat, metadata=meta))
 
 
-def load_checkpoint(path: str | os.PathLike, *, expect: dict[str, Any] | None = None,
-                    device: str | torch.device = "cpu") -> tuple[T.Tree, dict[str, str]]:
-    """Read a checkpoint; ``expect`` (e.g. ``{"arch": "resnet20", "num_classes": 10}``) must match
-    the stored metadata, else :class:`CheckpointError` says which field differs."""
-    path = Path(path)
+# What each ``kind`` of checkpoint is, for error messages.
+KINDS = {"weights": "model weights", "train_state": "a training-state checkpoint", "mbm": "an MBM checkpoint"}
+
+
+def _read(path: Path) -> bytes:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    raw = path.read_bytes()
     try:
-        flat = st_load(raw)
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {(exc.strerror or type(exc).__name__).lower()}") from None
+
+
+def _header(path: Path, raw: bytes) -> dict[str, str]:
+    """The string metadata of an asmb-kd checkpoint, checked for the format tag."""
+    try:
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + header_len])
-    except Exception as exc:  # safetensors raises several types for a bad header or a short file
+        if not isinstance(header, dict) or len(raw) < 8 + header_len:
+            raise ValueError("header cut short")
+    except Exception as exc:  # a short file, a bad length, a header that is not JSON
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     meta: dict[str, str] = header.get("__metadata__", {}) or {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not an asmb-kd checkpoint (no '{FORMAT}' format tag)")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata alone (reads the header, not the tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            raw = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {(exc.strerror or type(exc).__name__).lower()}") from None
+    return _header(path, raw)
+
+
+def load_checkpoint(path: str | os.PathLike, *, expect: dict[str, Any] | None = None, kind: str | None = None,
+                    device: str | torch.device = "cpu") -> tuple[T.Tree, dict[str, str]]:
+    """Read a checkpoint; its ``kind`` metadata must equal ``kind`` when given, and ``expect`` (e.g.
+    ``{"arch": "resnet20", "num_classes": 10}``) must match the stored metadata, else
+    :class:`CheckpointError` says what the file is or which field differs."""
+    path = Path(path)
+    raw = _read(path)
+    meta = _header(path, raw)
+    if kind is not None and meta.get("kind") != kind:
+        have = meta.get("kind")
+        what = KINDS.get(have, f"a {have!r} checkpoint") if have else "a checkpoint without a kind"
+        hint = ": use best.safetensors or the teacher recipe's --ckpt" if kind == "weights" else ""
+        raise CheckpointError(f"{path} is {what}, not {KINDS.get(kind, kind)}{hint}")
     for key, want in (expect or {}).items():
         have = meta.get(key)
         want_s = want if isinstance(want, str) else json.dumps(want)
         if have != want_s:
             raise CheckpointError(f"{path} holds {key}={_show(have)}, but this run needs {key}={_show(want_s)}")
+    try:
+        flat = st_load(raw)
+    except Exception as exc:  # safetensors raises several types for a bad header or a short file
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     tree = T.unflatten({k: v.to(device) for k, v in flat.items()})
     return tree, meta
 

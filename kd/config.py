@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,6 +36,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files beside metrics.jsonl (in run_dir/tensorboard; needs
+    pip install -e '.[tensorboard]')."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Fields every training recipe has: data, optimizer, precision, budget and bookkeeping."""
 
@@ -50,6 +60,10 @@ class RunConfig:
     """Seed of the split, the data order, the augmentation and the initialisation."""
     compile: bool = True
     """Compile the whole train step with torch.compile (one graph)."""
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+    """Loss kernels (AT, IB): 'auto' = the fused Triton kernels on CUDA tensors and the pure-torch
+    reference elsewhere; 'triton' always (on a CPU only under TRITON_INTERPRET=1); 'reference' never.
+    $KD_KERNELS, when set, overrides this field (the run's config.json records the value used)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'."""
     channels_last: bool = False
@@ -58,12 +72,15 @@ class RunConfig:
     """Hide progress bars (they also hide themselves when stdout is not a terminal)."""
     log_every: int = 50
     """Read training metrics back from the device every N steps."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Extra metric sinks."""
     out_dir: str = "runs"
     """Parent folder of run directories (runs/<recipe>-<time>/)."""
     run_name: str = ""
-    """Run directory name; empty = <recipe>-<timestamp>."""
+    """Run directory name; empty = <recipe>-<timestamp>. An existing directory is never reused (see --resume)."""
     resume: str = ""
-    """Continue the run in this directory from its latest checkpoint (its saved config is used)."""
+    """Continue the run in this directory from its latest checkpoint, with its saved config: only --epochs
+    (upwards), --log-every, --disable-tqdm and --log.tensorboard may be changed alongside."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -72,12 +89,25 @@ class RunConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
+DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device``; anything but the documented forms, or a GPU this machine lacks,
+    is one :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"unknown device {name!r}: use {DEVICE_FORMS}")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine "
+                              f"(use 'cpu' or 'auto')")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
+                              f"cuda:0..cuda:{count - 1}")
     return device
 
 
@@ -113,7 +143,46 @@ def _coerce(tp: Any, value: Any) -> Any:
 
 
 def load_run_config(cls: type, run_dir: str | Path) -> Any:
+    """The resolved config saved in ``run_dir/config.json``, rebuilt as ``cls``. A folder that is not a run
+    directory, an unreadable file, or the run of another recipe is one :class:`ConfigError`."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} does not exist (is {run_dir} a run directory?)")
-    return from_dict(cls, json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot resume: {path} is unreadable ({str(exc).splitlines()[0]})") from None
+    recipe = data.pop("recipe", "?")
+    # The recipe's own fields must match; the shared RunConfig fields may have grown since (defaults apply).
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    own = {f.name for f in dataclasses.fields(cls)} - shared
+    if set(data) - shared != own:
+        raise ConfigError(f"cannot resume: {run_dir} is a run of recipes.{recipe}, whose config differs from this "
+                          f"recipe's: resume it with python launch.py recipes.{recipe} --resume {run_dir}")
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot resume: {path} holds an invalid config ({str(exc).splitlines()[0]})") from None
+
+
+def resolve_kernels(cfg: Any, device: torch.device) -> Any:
+    """``cfg`` with its ``kernels`` field final: ``$KD_KERNELS`` overrides it; a choice that cannot run on
+    ``device`` is one clear :class:`ConfigError` before any work."""
+    import os
+
+    from kernels import BACKENDS
+    from kernels._dispatch import ENV_VAR, HAS_TRITON, interpreting
+
+    choice = os.environ.get(ENV_VAR, "").strip().lower() or cfg.kernels
+    if choice not in BACKENDS:
+        raise ConfigError(f"${ENV_VAR}={choice!r}: must be one of {', '.join(BACKENDS)}")
+    if choice == "triton":
+        if not HAS_TRITON:
+            raise ConfigError("--kernels triton: Triton is not installed (use --kernels auto or reference)")
+        if device.type != "cuda" and not interpreting():
+            raise ConfigError(f"--kernels triton on {device.type}: Triton kernels need a CUDA device, or "
+                              "TRITON_INTERPRET=1 set in the environment (CPU interpreter, slow); "
+                              "use --kernels auto or reference")
+    return cfg if choice == cfg.kernels else dataclasses.replace(cfg, kernels=choice)

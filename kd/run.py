@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,45 +23,197 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import tree as T
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint, write_atomically
 from .config import RunConfig, to_dict
 from .data import Dataset, Splits, eval_batches, steps_per_epoch, train_batches
-from .errors import CheckpointError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError, writing
 from .step import accuracy_counts, read_metrics
 
 
 class Run:
-    """A run directory and its append-only logs."""
+    """A run directory and its append-only logs.
 
-    def __init__(self, root: Path):
+    Nothing is written before the run has something to record: the directory and its ``config.json`` appear
+    at the first log line or checkpoint, so an error while loading data, teachers or caches leaves no trace.
+    Resuming, that first use also tidies the interrupted run: metric records logged after its latest
+    checkpoint (they are logged again) and ``*.tmp`` files of an interrupted checkpoint write are removed.
+    With ``--log.tensorboard True`` every numeric field of each record also goes to TensorBoard.
+    """
+
+    def __init__(self, root: Path, config: dict[str, Any], *, resuming: bool = False, named: bool = False,
+                 tensorboard: bool = False):
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._config = config  # what config.json holds once the directory exists
+        self._resuming = resuming
+        self._named = named  # an explicit --run-name is never renamed and never reused
+        self._tensorboard = tensorboard
+        self._writer = None
+        self._ready = False
+
+    @staticmethod
+    def check(cfg: RunConfig) -> None:
+        """Fail before any work when this run could not write its directory: an explicit ``--run-name``
+        that exists already, an ``--out-dir`` (or resumed run) that cannot be written, TensorBoard asked
+        for but not installed."""
+        if cfg.log.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("--log.tensorboard True needs the tensorboard package: "
+                                  "pip install -e '.[tensorboard]'") from None
+        if cfg.resume:
+            _check_writable(Path(cfg.resume), "")
+            return
+        if cfg.run_name:
+            root = Path(cfg.out_dir) / cfg.run_name
+            if root.exists() or root.is_symlink():
+                raise OutputError(f"run directory {root} already exists: continue it with --resume {root}, "
+                                  f"or choose another --run-name")
+        _check_writable(Path(cfg.out_dir), " (choose another --out-dir)")
 
     @classmethod
     def create(cls, cfg: RunConfig, recipe: str) -> "Run":
+        cls.check(cfg)
         if cfg.resume:
-            run = cls(Path(cfg.resume))
+            root = Path(cfg.resume)
+            saved = json.loads((root / "config.json").read_text())
+            config = {"recipe": saved.get("recipe", recipe), **to_dict(cfg), "resume": saved.get("resume", "")}
+            return cls(root, config, resuming=True, tensorboard=cfg.log.tensorboard)
+        name = cfg.run_name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        root = Path(cfg.out_dir) / name
+        suffix = 1
+        while root.exists() and not cfg.run_name:
+            suffix += 1
+            root = Path(cfg.out_dir) / f"{name}-{suffix}"
+        return cls(root, {"recipe": recipe, **to_dict(cfg)}, named=bool(cfg.run_name),
+                   tensorboard=cfg.log.tensorboard)
+
+    def _use(self) -> None:
+        if self._ready:
+            return
+        if self._resuming:
+            self._tidy_interrupted()
         else:
-            name = cfg.run_name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-            root = Path(cfg.out_dir) / name
-            suffix = 1
-            while root.exists() and not cfg.run_name:
+            self._make_directory()
+        self._ready = True
+        if self._tensorboard:
+            self._open_tensorboard()
+
+    def _make_directory(self) -> None:
+        base, suffix = self.root, 1
+        while True:
+            try:
+                self.root.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:  # a run of the same name appeared since create()
+                if self._named:
+                    raise OutputError(f"run directory {self.root} already exists: continue it with --resume "
+                                      f"{self.root}, or choose another --run-name") from None
                 suffix += 1
-                root = Path(cfg.out_dir) / f"{name}-{suffix}"
-            run = cls(root)
-            (run.root / "config.json").write_text(
-                json.dumps({"recipe": recipe, **to_dict(cfg)}, indent=2, sort_keys=True))
-        return run
+                self.root = base.with_name(f"{base.name}-{suffix}")
+            except OSError as exc:
+                raise OutputError(f"cannot create run directory {self.root}: "
+                                  f"{(exc.strerror or type(exc).__name__).lower()}") from None
+        self._write_config()
+
+    def _write_config(self) -> None:
+        write_atomically(self.root / "config.json", json.dumps(self._config, indent=2, sort_keys=True).encode())
+
+    def _tidy_interrupted(self) -> None:
+        # A recipe resumes from last.safetensors (a stage's own <tag>_last.safetensors restarts with its stage).
+        points = set()
+        if (self.root / "last.safetensors").is_file():
+            meta = read_metadata(self.root / "last.safetensors")
+            points.add((meta.get("tag", ""), int(json.loads(meta.get("epoch", "0")))))
+        metrics = self.root / "metrics.jsonl"
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines(keepends=True)
+            kept = metrics_to_keep(lines, points)
+            if kept != lines:
+                write_atomically(metrics, "".join(kept).encode())
+        for orphan in self.root.glob("*.tmp"):
+            orphan.unlink()
+        if json.loads((self.root / "config.json").read_text()) != self._config:  # e.g. --epochs extended
+            self._write_config()
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = self.root / "tensorboard"
+        if self._resuming:  # rebuilt from metrics.jsonl, so both hold each record once
+            shutil.rmtree(folder, ignore_errors=True)
+        with writing(folder):
+            self._writer = SummaryWriter(str(folder))
+        metrics = self.root / "metrics.jsonl"
+        if self._resuming and metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                self._to_tensorboard(json.loads(line))
+            self._writer.flush()
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        for tag, value, step in tensorboard_scalars(record):
+            self._writer.add_scalar(tag, value, step)
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.root / "metrics.jsonl", "a") as f:
+        self._use()
+        path = self.root / "metrics.jsonl"
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            with writing(self.root / "tensorboard"):
+                self._to_tensorboard(record)
+                self._writer.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        self._use()
+        write_atomically(self.root / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
 
     def path(self, name: str) -> Path:
+        self._use()
         return self.root / name
+
+
+def _check_writable(folder: Path, hint: str) -> None:
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create {folder}: {probe} is a file, not a folder{hint}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {probe}: permission denied or a read-only file system{hint}")
+
+
+def metrics_to_keep(lines: list[str], checkpoints: set[tuple[str, int]]) -> list[str]:
+    """The lines of an interrupted run's metrics.jsonl that its resumed run keeps: those up to the epoch
+    record of the checkpoint it resumes from (``checkpoints``: its ``(stage tag, epoch)``; none = a restart
+    from scratch). Everything logged after it (the interrupted epoch, a stage that restarts from its
+    beginning) is logged again by the resumed run."""
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line) if line.endswith("\n") else None)
+        except json.JSONDecodeError:
+            records.append(None)  # a line torn by the interruption
+    ends = [i for i, r in enumerate(records)
+            if r and r.get("kind") == "epoch" and (r.get("stage", ""), r.get("epoch")) in checkpoints]
+    if ends or not checkpoints:
+        return [line for line, r in zip(lines[:ends[-1] + 1 if ends else 0], records) if r is not None]
+    # The checkpoint's epoch record is missing (an edited log): drop what is past each checkpoint's epoch.
+    def past(record: dict[str, Any]) -> bool:
+        return any(record.get("stage", "") == tag and record.get("epoch", 0) > epoch for tag, epoch in checkpoints)
+
+    return [line for line, r in zip(lines, records) if r is not None and not past(r)]
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float, int]]:
+    """``(tag, value, global step)`` of each numeric field of a metrics record: tag ``<stage>/<key>`` (the
+    record's kind, ``step`` or ``epoch``, when it has no stage tag), step the record's ``step`` else its ``epoch``."""
+    group = record.get("stage") or record.get("kind") or "run"
+    step = int(record.get("step", record.get("epoch", 0)))
+    for key, value in record.items():
+        if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        yield (key if key.startswith(f"{group}/") else f"{group}/{key}"), float(value), step
 
 
 def progress(iterable, *, total: int, desc: str, disable: bool):
@@ -70,6 +224,20 @@ def progress(iterable, *, total: int, desc: str, disable: bool):
 
 def say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def all_finite(*trees: T.Tree) -> bool:
+    """Whether every floating tensor of ``trees`` is finite: one fused max-abs reduction, one read-back
+    (NaN and inf propagate through the maximum; a finite but huge value cannot overflow it)."""
+    leaves = [t for tree in trees for t in T.leaves(tree) if t.is_floating_point() and t.numel()]
+    if not leaves:
+        return True
+    return bool(torch.stack(torch._foreach_norm(leaves, float("inf"))).isfinite().all())
+
+
+def last_good(path: Path) -> str:
+    """How a non-finite failure names the checkpoint to go back to: only one that exists."""
+    return f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
 
 
 def evaluate_accuracy(eval_fn: Callable, params: T.Tree, buffers: T.Tree, data: Dataset, splits: Splits,
@@ -98,16 +266,23 @@ class LoopResult:
 
 
 def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable, splits: Splits,
-               device: torch.device, part: str, eval_fn: Callable, weight_meta: dict[str, Any],
+               device: torch.device, part: str, eval_fn: Callable | None, weight_meta: dict[str, Any],
                batches: Callable[[int], Iterator[dict[str, Tensor]]] | None = None,
                steps: int | None = None, epochs: int | None = None, tag: str = "",
-               resume_info: dict[str, Any] | None = None) -> LoopResult:
+               resume_info: dict[str, Any] | None = None,
+               validate: Callable[[T.Tree, T.Tree], float] | None = None) -> LoopResult:
     """Train ``state`` for ``epochs`` epochs with ``train_step``; evaluate ``state['params'][part]``
     (and its EMA) on validation after each epoch, keep best-by-validation weights, checkpoint every epoch.
 
-    ``batches(epoch)`` overrides the default training batches (e.g. a feature cache); ``tag`` prefixes
-    files and metrics of one stage of a multi-stage method.
+    Every training in the project runs through this loop (teachers, students, IB-KD's stage A and B).
+    ``batches(epoch)`` overrides the default training batches (e.g. a feature cache); ``validate(params,
+    buffers)`` overrides the default validation accuracy of ``eval_fn`` on ``splits.val``; ``tag``
+    prefixes files and metrics of one stage of a multi-stage method.
     """
+    if validate is None:
+        def validate(params: T.Tree, buffers: T.Tree) -> float:
+            return evaluate_accuracy(eval_fn, params, buffers, splits.val, splits, cfg, device)
+
     epochs = epochs if epochs is not None else cfg.epochs
     steps = steps if steps is not None else steps_per_epoch(splits, cfg.data)
     info = resume_info or {}
@@ -119,6 +294,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
     prefix = f"{tag}/" if tag else ""
     file_prefix = f"{tag}_" if tag else ""
     has_ema = "ema" in state
+    weight_meta = {**weight_meta, "config": to_dict(cfg)}  # every checkpoint carries the resolved config
 
     def default_batches(epoch: int):
         for batch in train_batches(splits, cfg.data, seed=cfg.seed, epoch=epoch, device=device):
@@ -140,8 +316,8 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
                 last = read_metrics(metrics)
                 if not math.isfinite(last["loss"]):
                     raise NonFiniteLossError(
-                        f"non-finite loss ({last['loss']}) at epoch {epoch + 1}, step {i + 1}; the last good "
-                        f"checkpoint is {run.path(file_prefix + 'last.safetensors')} (lower the lr or enable clipping)")
+                        f"non-finite loss ({last['loss']}) at epoch {epoch + 1}, step {i + 1}; "
+                        f"{last_good(run.root / f'{file_prefix}last.safetensors')} (lower the lr or enable clipping)")
                 run.log({"kind": "step", "stage": tag, "epoch": epoch + 1, "step": int(state["step"]), **last})
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
         bar.close()
@@ -150,7 +326,12 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         images_seen += n_images
-        val = evaluate_accuracy(eval_fn, state["params"][part], state["buffers"][part], splits.val, splits, cfg, device)
+        # The sampled losses can be finite while weights or BatchNorm statistics are not: never checkpoint those.
+        if not all_finite(state["params"], state["buffers"], state.get("ema", {})):
+            raise NonFiniteLossError(
+                f"non-finite weights or BatchNorm statistics after epoch {epoch + 1}; "
+                f"{last_good(run.root / f'{file_prefix}last.safetensors')} (lower the lr or enable clipping)")
+        val = validate(state["params"][part], state["buffers"].get(part, {}))
         record: dict[str, Any] = {"kind": "epoch", "stage": tag, "epoch": epoch + 1, "seconds": seconds,
                                   "images_per_second": n_images / max(seconds, 1e-9),
                                   f"{prefix}val_acc": val, "train_loss": last.get("loss")}
@@ -159,8 +340,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
             save_weights(run.path(f"{file_prefix}best.safetensors"), state["params"], state["buffers"],
                          {**weight_meta, "val_acc": val, "epoch": epoch + 1})
         if has_ema:
-            ema_val = evaluate_accuracy(eval_fn, state["ema"]["params"][part], state["ema"]["buffers"][part],
-                                        splits.val, splits, cfg, device)
+            ema_val = validate(state["ema"]["params"][part], state["ema"]["buffers"].get(part, {}))
             record[f"{prefix}val_acc_ema"] = ema_val
             if ema_val > best_ema_val:
                 best_ema_val = ema_val
@@ -182,7 +362,9 @@ def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, An
 
 
 def load_weights(path: str | Path, *, expect: dict[str, Any], device: torch.device) -> tuple[T.Tree, T.Tree, dict[str, str]]:
-    tree, meta = load_checkpoint(path, expect=expect, device=device)
+    """Model weights (``kind`` "weights": a run's best*.safetensors, a teacher recipe's --ckpt); a train
+    state or another kind of checkpoint given instead is one :class:`CheckpointError` saying so."""
+    tree, meta = load_checkpoint(path, expect=expect, kind="weights", device=device)
     return tree.get("params", {}), tree.get("buffers", {}), meta
 
 

@@ -14,8 +14,9 @@ from typing import Any, Callable
 import torch
 
 from . import tree as T
-from .config import ModelConfig, RunConfig, load_run_config, resolve_device
+from .config import ModelConfig, RunConfig, load_run_config, resolve_device, resolve_kernels, to_dict
 from .data import Splits, load_splits, steps_per_epoch
+from .errors import ConfigError
 from .modeling import Net, build_net
 from .optim import build_optimizer, lr_schedule
 from .run import Run, final_report, load_train_state, say, train_loop
@@ -48,18 +49,65 @@ class Extras:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+# What a resumed run may change: none of it alters the work already done or the state carried over.
+# More epochs continue on the schedule recomputed for the new total; everything else is refused.
+RESUME_MAY_CHANGE = ("epochs", "log_every", "disable_tqdm", "log.tensorboard")
+
+
 def resolve_resume(cfg: RunConfig) -> RunConfig:
-    """With ``--resume RUN_DIR``: the run's saved config, keeping only this invocation's bookkeeping fields."""
-    if not cfg.resume:
-        return cfg
-    saved = load_run_config(type(cfg), cfg.resume)
-    return dataclasses.replace(saved, resume=cfg.resume, disable_tqdm=cfg.disable_tqdm)
+    """The config this invocation runs with, checked before any work (device, run directory).
+
+    With ``--resume RUN_DIR`` it is the run's saved config. Each field of ``cfg`` that differs from it was
+    asked for (on the command line, :func:`recipes._cli.parse` applies the flags over the saved config): it
+    is applied when it is in :data:`RESUME_MAY_CHANGE` (``epochs`` only upwards, and not across IB-KD
+    stages), and refused otherwise with one :class:`ConfigError` naming every such field.
+    """
+    if cfg.resume:
+        saved = load_run_config(type(cfg), cfg.resume)
+        asked = _differences(to_dict(saved), to_dict(cfg))
+        asked.pop("resume", None)
+        refused = [name for name in asked if name not in RESUME_MAY_CHANGE]
+        if refused:
+            shown = ", ".join(f"{_flag(name)} (run: {asked[name][0]!r}, asked: {asked[name][1]!r})"
+                              for name in refused)
+            may = ", ".join(_flag(name) for name in RESUME_MAY_CHANGE)
+            raise ConfigError(f"--resume {cfg.resume} continues that run with its saved config; these flags would "
+                              f"change it mid-run: {shown}. Only {may} may change on a resume (start a new run "
+                              f"for the rest)")
+        if cfg.epochs < saved.epochs:
+            raise ConfigError(f"--epochs {cfg.epochs} is below the {saved.epochs} epochs of {cfg.resume}: a resumed "
+                              f"run can only train as long or longer")
+        if cfg.epochs != saved.epochs and getattr(saved, "num_stages", 1) > 1:
+            raise ConfigError(f"--epochs cannot change on resuming {cfg.resume}: its {saved.num_stages} stages "
+                              f"split the epochs, so the stage boundaries would move")
+        cfg = dataclasses.replace(saved, resume=cfg.resume, **{name: getattr(cfg, name) for name in asked
+                                                               if "." not in name}, log=cfg.log)
+    resolve_device(cfg.device)
+    Run.check(cfg)
+    return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _differences(saved: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"optim.lr": (saved value, asked value), ...}`` over the leaves of two :func:`to_dict` trees."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in saved.keys() | asked.keys():
+        a, b = saved.get(key), asked.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return dict(sorted(out.items()))
 
 
 def prepare(cfg: RunConfig, recipe: str) -> tuple[RunConfig, torch.device, Splits, Run]:
     """Resolve ``--resume``, the device, the data and the run directory."""
     cfg = resolve_resume(cfg)
     device = resolve_device(cfg.device)
+    cfg = resolve_kernels(cfg, device)
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)
     return cfg, device, splits, run

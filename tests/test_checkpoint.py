@@ -88,3 +88,47 @@ def test_wrong_architecture_or_classes(tmp_path, field, stored, wanted):
         load_checkpoint(path, expect={**meta, field: wanted})
     msg = _message(e)
     assert f"{field}={stored}" in msg and f"{field}={wanted}" in msg and "w.safetensors" in msg
+
+
+def test_kind_is_checked_before_anything_else(tmp_path):
+    path = save_checkpoint(tmp_path / "last.safetensors", _tree(), {"kind": "train_state", "arch": "resnet20"})
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, kind="weights", expect={"arch": "resnet56"})
+    assert _message(e) == (f"{path} is a training-state checkpoint, not model weights: use best.safetensors or the "
+                           f"teacher recipe's --ckpt")
+    assert load_checkpoint(path, kind="train_state")[1]["kind"] == "train_state"
+
+
+def test_read_metadata_reads_only_the_header(tmp_path):
+    from kd.checkpoint import read_metadata
+    path = save_checkpoint(tmp_path / "c.safetensors", _tree(), {"arch": "resnet20", "epoch": 3})
+    assert read_metadata(path)["arch"] == "resnet20" and json.loads(read_metadata(path)["epoch"]) == 3
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        (tmp_path / "short.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{}")
+        read_metadata(tmp_path / "short.safetensors")
+
+
+def test_full_disk_keeps_the_previous_file_and_names_the_path(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from kd.errors import OutputError
+    path = save_checkpoint(tmp_path / "c.safetensors", {"a": torch.zeros(3)}, {"arch": "x"})
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError) as e:
+        save_checkpoint(path, {"a": torch.ones(3)}, {"arch": "x"})
+    assert _message(e).startswith(f"cannot write {path}: no space left on device")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's private 0600
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

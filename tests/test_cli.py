@@ -61,6 +61,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_work(tmp_path):
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "non-finite loss" in lines[0] and "Traceback" not in proc.stderr
+    assert "no checkpoint was written yet" in lines[0] and not list((tmp_path / "nan").glob("*.safetensors"))
     assert (tmp_path / "nan" / "config.json").is_file() and (tmp_path / "nan" / "metrics.jsonl").is_file()
 
 

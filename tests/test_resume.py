@@ -37,7 +37,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ce.run(_config(tmp_path, "interrupted"))
     torch.manual_seed(12345)  # the resumed process starts with a different RNG state
-    ce.run(dataclasses.replace(ce.CONFIG, resume=str(tmp_path / "interrupted"), disable_tqdm=True))
+    # As on the command line: flags apply over the run's saved config (here: none that differ from it).
+    ce.main(["--resume", str(tmp_path / "interrupted"), "--disable-tqdm", "True"])
 
     straight = T.flatten(load_checkpoint(tmp_path / "straight" / "last.safetensors")[0]["state"])
     resumed = T.flatten(load_checkpoint(tmp_path / "interrupted" / "last.safetensors")[0]["state"])
@@ -47,6 +48,14 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     epochs = [line for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
     assert len(epochs) == 3
+
+
+def test_resume_in_code_refuses_fields_that_differ_from_the_run(tmp_path):
+    from kd.errors import ConfigError
+    ce.run(dataclasses.replace(_config(tmp_path, "done"), epochs=1))
+    with pytest.raises(ConfigError, match="--student.arch") as raised:  # ce.CONFIG is not the run's config
+        ce.run(dataclasses.replace(ce.CONFIG, resume=str(tmp_path / "done")))
+    assert "--epochs (" not in str(raised.value)  # more epochs (90 > 1) may change
 
 
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):

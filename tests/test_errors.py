@@ -1,0 +1,335 @@
+"""Every failure the input or the machine can cause ends in one line on stderr, exit code 1, no traceback,
+and nothing created or overwritten; resuming never duplicates or silently changes a run."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--data.name", "synthetic", "--data.synthetic-size", "64", "--data.val-size", "16", "--data.batch-size", "16",
+        "--compile", "False", "--disable-tqdm", "True", "--log-every", "1", "--student.arch", "resnet8"]
+TINY = [*BASE, "--epochs", "1", "--device", "cpu"]
+
+# Loaded at interpreter start (PYTHONPATH) by the CLI runs that simulate a machine problem.
+DISK_FULL = '''
+import errno, os
+_fsync = os.fsync
+def _full(fd):
+    if ".safetensors." in os.readlink(f"/proc/self/fd/{fd}"):  # the temp file of a checkpoint write
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _fsync(fd)
+os.fsync = _full
+'''
+NO_TENSORBOARD = 'import sys\nsys.modules["tensorboard"] = None  # as if not installed\n'
+
+
+def launch(*args, cwd, site: str | None = None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
+    if site is not None:
+        folder = Path(cwd) / ".site"
+        folder.mkdir(exist_ok=True)
+        (folder / "sitecustomize.py").write_text(site)
+        env["PYTHONPATH"] = str(folder)
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def one_line_error(proc, *fragments: str) -> str:
+    """Exit code 1 and exactly one stderr line ``error: ...`` holding ``fragments``, without a traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder`` (the launcher's .site excluded)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".site" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished one-epoch CE run (never modified: tests work on copies)."""
+    out = tmp_path_factory.mktemp("finished")
+    proc = launch("recipes.ce", *TINY, "--out-dir", out, "--run-name", "done", cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "done"
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    copy = tmp_path / "runs" / "done"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+# 1. Environment and input errors at their source.
+
+def test_unwritable_out_dir_fails_before_work(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where --out-dir needs a folder")
+    before = snapshot(tmp_path)
+    proc = launch("recipes.ce", *TINY, "--out-dir", blocker / "runs", cwd=tmp_path)
+    one_line_error(proc, str(blocker), "--out-dir")
+    assert snapshot(tmp_path) == before
+    assert "run " not in proc.stdout  # failed before loading data or building the run
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_out_dir_fails_before_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        proc = launch("recipes.ce", *TINY, "--out-dir", locked / "runs", cwd=tmp_path)
+        one_line_error(proc, str(locked), "--out-dir")
+        assert not any(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unknown_device_lists_the_valid_forms(tmp_path):
+    proc = launch("recipes.ce", *BASE, "--device", "tpu9", "--out-dir", tmp_path / "runs", cwd=tmp_path)
+    one_line_error(proc, "'tpu9'", "'auto'", "'cpu'", "'cuda'", "'cuda:N'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(run_copy, tmp_path):
+    checkpoints = {p.name: p.read_bytes() for p in run_copy.glob("*.safetensors")}
+    assert set(checkpoints) == {"last.safetensors", "best.safetensors", "best_ema.safetensors"}
+    proc = launch("recipes.ce", "--resume", run_copy, "--epochs", "2", cwd=tmp_path, site=DISK_FULL)
+    line = one_line_error(proc, "no space left on device", str(run_copy))
+    assert ".safetensors" in line.split(":")[1]  # names the checkpoint it was writing
+    assert {p.name: p.read_bytes() for p in run_copy.glob("*.safetensors")} == checkpoints
+    assert not list(run_copy.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["last.safetensors", "mbm"])
+def test_non_weights_checkpoint_as_teacher_is_one_line(finished_run, tmp_path, name):
+    ckpt = finished_run / "last.safetensors"
+    if name == "mbm":  # any other kind of asmb-kd checkpoint
+        from kd.checkpoint import save_checkpoint
+        ckpt = save_checkpoint(tmp_path / "mbm_stage1.safetensors", {"params": {"mbm": {"w": torch.zeros(2)}}},
+                               {"kind": "mbm", "arch": "resnet8", "num_classes": 10})
+    out = tmp_path / "runs"
+    proc = launch("recipes.kd", *TINY, "--teacher.arch", "resnet8", "--teacher.pretrained", "False",
+                  "--teacher-ckpt", ckpt, "--out-dir", out, "--run-name", "kd", cwd=tmp_path)
+    expected = "is a training-state checkpoint, not model weights" if name != "mbm" else "is an MBM checkpoint"
+    one_line_error(proc, str(ckpt), expected, "use best.safetensors or the teacher recipe's --ckpt")
+    assert not out.exists()  # the run directory appears only once training starts
+
+
+# 2. An existing --run-name is never reused.
+
+def test_existing_run_name_is_refused_and_left_byte_identical(run_copy, tmp_path):
+    before = snapshot(run_copy)
+    proc = launch("recipes.ce", *TINY, "--out-dir", run_copy.parent, "--run-name", "done", cwd=tmp_path)
+    one_line_error(proc, str(run_copy), "already exists", f"--resume {run_copy}", "--run-name")
+    assert snapshot(run_copy) == before
+    assert [p.name for p in run_copy.parent.iterdir()] == ["done"]
+
+
+# 3. --resume with other flags: applied where sound, refused otherwise.
+
+def test_resume_refuses_flags_that_change_the_run(run_copy, tmp_path):
+    before = snapshot(run_copy)
+    proc = launch("recipes.ce", "--resume", run_copy, "--optim.lr", "0.1", "--seed", "3", "--epochs", "2",
+                  cwd=tmp_path)
+    line = one_line_error(proc, "--optim.lr", "--seed", "--epochs, --log-every")
+    assert "--epochs (run" not in line  # more epochs would have been fine
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refuses_fewer_epochs_and_another_recipes_run(run_copy, tmp_path):
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # a 3-epoch run stopped after 1
+    before = snapshot(run_copy)
+    one_line_error(launch("recipes.ce", "--resume", run_copy, "--epochs", "2", cwd=tmp_path),
+                   "--epochs 2", "3 epochs", "longer")
+    one_line_error(launch("recipes.kd", "--resume", run_copy, cwd=tmp_path),
+                   "recipes.ce", f"python launch.py recipes.ce --resume {run_copy}")
+    assert snapshot(run_copy) == before
+
+
+def test_resolve_resume_applies_sound_fields_and_counts_only_differences(run_copy):
+    import dataclasses
+
+    from kd.config import load_run_config
+    from kd.errors import ConfigError
+    from kd.supervised import resolve_resume
+    from recipes import ce
+    from recipes._cli import parse
+
+    saved = load_run_config(ce.CEConfig, run_copy)
+    # A flag given with the recipe default's value still counts when the run saved another value.
+    cfg = parse(ce.CONFIG, ["--resume", str(run_copy), "--epochs", "90", "--log-every", "50", "--disable-tqdm",
+                            "False", "--log.tensorboard", "True"], prog="t", description="")
+    resolved = resolve_resume(cfg)
+    applied = (resolved.epochs, resolved.log_every, resolved.disable_tqdm, resolved.log.tensorboard)
+    assert applied == (90, 50, False, True)
+    assert dataclasses.replace(resolved, epochs=saved.epochs, log_every=saved.log_every,
+                               disable_tqdm=saved.disable_tqdm, log=saved.log, resume="") == saved
+    assert resolve_resume(resolved) == resolved  # idempotent: recipes resolve again in prepare()
+    with pytest.raises(ConfigError, match="--data.batch-size"):
+        resolve_resume(parse(ce.CONFIG, ["--resume", str(run_copy), "--data.batch-size", "8"], prog="t",
+                             description=""))
+
+
+# 4. NaN guard.
+
+NAN_LATER = ["--epochs", "2", "--optim.name", "sgd", "--optim.lr", "0.05", "--optim.warmup-epochs", "0",
+             "--optim.schedule", "multistep", "--optim.milestones", "1", "--optim.gamma", "1e30"]
+
+
+def test_nan_in_epoch_one_names_no_checkpoint(tmp_path):
+    proc = launch("recipes.ce", *TINY, "--optim.name", "sgd", "--optim.lr", "1e30", "--optim.warmup-epochs", "0",
+                  "--out-dir", tmp_path, "--run-name", "nan", cwd=tmp_path)
+    one_line_error(proc, "non-finite", "no checkpoint was written yet")
+    assert not list((tmp_path / "nan").glob("*.safetensors"))
+
+
+def test_nan_in_a_later_epoch_names_the_last_good_checkpoint(tmp_path):
+    from kd import tree as T
+    from kd.checkpoint import load_checkpoint
+
+    proc = launch("recipes.ce", *BASE, "--device", "cpu", *NAN_LATER, "--out-dir", tmp_path, "--run-name", "nan",
+                  cwd=tmp_path)
+    last = tmp_path / "nan" / "last.safetensors"
+    one_line_error(proc, "non-finite", f"the last good checkpoint is {last}")
+    tree, meta = load_checkpoint(last)
+    assert json.loads(meta["epoch"]) == 1
+    assert all(t.isfinite().all() for t in T.leaves(tree["state"]) if t.is_floating_point())
+
+
+def test_nonfinite_batchnorm_statistics_with_a_finite_loss_are_never_checkpointed(tmp_path):
+    from kd.config import RunConfig
+    from kd.errors import NonFiniteLossError
+    from kd.run import Run, all_finite, train_loop
+
+    cfg = RunConfig(compile=False, device="cpu", disable_tqdm=True, log_every=1, epochs=2, out_dir=str(tmp_path),
+                    run_name="bn")
+    state = {"params": {"student": {"w": torch.ones(3)}}, "buffers": {"student": {"running_var": torch.ones(3)}},
+             "step": torch.tensor(0)}
+    assert all_finite(state["params"], state["buffers"])
+
+    def train_step(state, batch):  # the sampled loss stays finite while a BN statistic overflows
+        buffers = {"student": {"running_var": state["buffers"]["student"]["running_var"] * 1e30 * 1e30}}
+        return {**state, "buffers": buffers, "step": state["step"] + 1}, {"loss": torch.tensor(1.0)}
+
+    batch = {"x": torch.zeros(2, 3, 32, 32), "y_a": torch.zeros(2, dtype=torch.int64)}
+    with pytest.raises(NonFiniteLossError, match="BatchNorm statistics after epoch 1; no checkpoint was written yet"):
+        train_loop(cfg, Run.create(cfg, "unit"), state=state, train_step=train_step, splits=None,
+                   device=torch.device("cpu"), part="student", eval_fn=None, weight_meta={"arch": "x"},
+                   batches=lambda epoch: iter([batch]), steps=1)
+    assert not list((tmp_path / "bn").glob("*.safetensors"))
+
+
+# 5. A resumed run's log holds each epoch once; orphan temp files go; checkpoints carry the config.
+
+def test_resume_drops_records_after_the_checkpoint_and_orphan_temp_files(run_copy, tmp_path):
+    metrics = run_copy / "metrics.jsonl"
+    kept = metrics.read_text()
+    with open(metrics, "a") as f:  # the process died after logging part of epoch 2, before its checkpoint
+        f.write(json.dumps({"kind": "step", "stage": "", "epoch": 2, "step": 5, "loss": 9.0, "lost": 1}) + "\n")
+        f.write(json.dumps({"kind": "epoch", "stage": "", "epoch": 2, "val_acc": 1.0, "lost": 1}) + "\n")
+        f.write('{"kind": "step", "sta')  # torn by the kill
+    orphan = run_copy / "last.safetensors.k1ll3d.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+
+    proc = launch("recipes.ce", "--resume", run_copy, "--epochs", "2", "--log-every", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = metrics.read_text()
+    assert text.startswith(kept) and '"lost"' not in text and not orphan.exists()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert [r["step"] for r in records if r["kind"] == "step" and r["epoch"] == 2] == [6, 8]  # --log-every 2 applied
+
+    from kd.checkpoint import read_metadata
+    config = json.loads((run_copy / "config.json").read_text())
+    assert (config["epochs"], config["log_every"], config["resume"]) == (2, 2, "")  # what a next resume starts from
+    config.pop("recipe")
+    for name in ("last.safetensors", "best.safetensors", "best_ema.safetensors"):
+        stored = json.loads(read_metadata(run_copy / name)["config"])
+        assert {**stored, "resume": ""} == config, name
+
+
+def test_metrics_kept_on_resume_end_at_the_checkpoints_epoch_record():
+    from kd.run import metrics_to_keep
+    records = [{"kind": "epoch", "stage": "A1", "epoch": 1}, {"kind": "step", "stage": "", "epoch": 1, "step": 4},
+               {"kind": "epoch", "stage": "", "epoch": 1}, {"kind": "epoch", "stage": "A2", "epoch": 1},
+               {"kind": "step", "stage": "", "epoch": 2, "step": 8}]
+    lines = [json.dumps(r) + "\n" for r in records] + ['{"kind": "ep']
+    assert metrics_to_keep(lines, {("", 1)}) == lines[:3]  # stage A2 restarts after student epoch 1: logged again
+    assert metrics_to_keep(lines, set()) == []  # no checkpoint: the run restarts from scratch
+    assert metrics_to_keep(lines[:2] + lines[3:], {("", 1)}) == lines[:2] + [lines[3]]  # no epoch-1 record: by epoch
+
+
+def test_full_disk_while_logging_names_metrics_jsonl(tmp_path):
+    from kd.config import RunConfig
+    from kd.errors import OutputError
+    from kd.run import Run
+
+    run = Run.create(RunConfig(out_dir=str(tmp_path), run_name="full"), "unit")
+    run.log({"kind": "step", "loss": 1.0})
+    (tmp_path / "full" / "metrics.jsonl").unlink()
+    (tmp_path / "full" / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'full' / 'metrics.jsonl'}: no space left"):
+        run.log({"kind": "step", "loss": 2.0})
+
+
+# 7. TensorBoard.
+
+def test_tensorboard_missing_is_one_line(tmp_path):
+    proc = launch("recipes.ce", *TINY, "--log.tensorboard", "True", "--out-dir", tmp_path / "runs", cwd=tmp_path,
+                  site=NO_TENSORBOARD)
+    one_line_error(proc, "pip install -e '.[tensorboard]'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = launch("recipes.ce", *TINY, "--log.tensorboard", "True", "--out-dir", tmp_path, "--run-name", "tb",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        step = record.get("step", record["epoch"])
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                expected.setdefault(f"{record['stage'] or record['kind']}/{key}", []).append((step, value))
+    assert {"step/loss", "epoch/val_acc", "epoch/val_acc_ema"} <= set(expected)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for tag, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+
+
+# 6. The Fashion-MNIST marker skips with its reason when the package is absent.
+
+def test_requires_fashion_mnist_skips_with_the_reason(monkeypatch, tmp_path):
+    import conftest
+
+    class Item:
+        def get_closest_marker(self, name):
+            return object() if name == "requires_fashion_mnist" else None
+
+    monkeypatch.setattr(conftest, "FASHION_MNIST_DIR", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install dataset-fashion-mnist"):
+        conftest.pytest_runtest_setup(Item())
