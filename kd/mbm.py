@@ -33,8 +33,10 @@ LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
 class MBMConfig:
     """The bottleneck that fuses the teachers."""
 
-    kind: Literal["gate", "vib"] = "gate"
-    """'gate': per-channel sigmoid gate between projected teachers; 'vib': concatenated teacher features."""
+    kind: Literal["gate", "vib", "avg"] = "gate"
+    """'gate': per-channel sigmoid gate between projected teachers; 'vib': concatenated teacher features;
+    'avg' (an ablation): no MBM at all, the synergy logits are the teachers' average logits, no stage A
+    and no latent term."""
     z_dim: int = 512
     """Bottleneck (latent) width."""
     dropout: float = 0.1
@@ -42,9 +44,13 @@ class MBMConfig:
 
 
 class MBM(nn.Module):
-    def __init__(self, cfg: MBMConfig, teacher_dims: tuple[int, int], num_classes: int):
+    def __init__(self, cfg: MBMConfig, teacher_dims: tuple[int, int], num_classes: int, *,
+                 backend: str | None = None):
         super().__init__()
+        if cfg.kind == "avg":
+            raise ValueError("mbm.kind 'avg' has no MBM module (the teachers' logits are averaged instead)")
         self.kind = cfg.kind
+        self.backend = backend  # kernels backend of the reparameterisation + KL (None = $KD_KERNELS / auto)
         c1, c2 = teacher_dims
         if cfg.kind == "gate":
             width = max(c1, c2)
@@ -73,7 +79,7 @@ class MBM(nn.Module):
         if eps is None:
             z, kl = mu, kernel_reference.ib_reparam_kl(mu, logvar, torch.zeros_like(mu))[1]
         else:
-            z, kl = kernels.ib_reparam_kl(mu, logvar, eps)
+            z, kl = kernels.ib_reparam_kl(mu, logvar, eps, backend=self.backend)
         return {"mu": mu, "logvar": logvar, "z": z, "kl": kl, "logits": self.head(z)}
 
 

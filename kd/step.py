@@ -13,8 +13,10 @@
 
 Gradient, clipping, optimizer, EMA and schedules all run inside one function, which is compiled once
 with ``torch.compile``: schedules are functions of ``state["step"]``, every scalar is a 0-d tensor, and
-nothing reads a value back to the host. Gradients come from ``torch.func.grad_and_value`` over the
-method's loss function, which calls the models through ``torch.func.functional_call``.
+nothing reads a value back to the host. Models are called through ``torch.func.functional_call``;
+gradients come from ``torch.autograd.grad`` over the loss *inside* the compiled function, not from
+``torch.func.grad``: see :func:`value_and_grad` for why (pytorch/pytorch#193279). That is the one place
+in the project that works around it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
+
+from kernels import reference as kernel_reference
 
 from . import tree as T
 from .optim import Optimizer
@@ -74,12 +77,58 @@ def call_stateless(module: nn.Module, params: T.Tree, buffers: T.Tree, *args: An
 
 
 def mixed_cross_entropy(logits: Tensor, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-    """``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (mixup / CutMix targets), batch mean."""
-    logits = logits.float()
-    ce_a = F.cross_entropy(logits, batch["y_a"], label_smoothing=label_smoothing)
-    ce_b = F.cross_entropy(logits, batch["y_b"], label_smoothing=label_smoothing)
-    lam = batch["lam"]
-    return lam * ce_a + (1 - lam) * ce_b
+    """:func:`kernels.reference.mixed_cross_entropy` on a batch's ``y_a``, ``y_b``, ``lam``."""
+    return kernel_reference.mixed_cross_entropy(logits, batch["y_a"], batch["y_b"], batch["lam"], label_smoothing)
+
+
+def value_and_grad(fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., tuple[T.Tree, tuple[Tensor, Any]]]:
+    """``fn(params, *args) -> (loss, aux)`` to ``(grads, (loss, aux))``, gradients w.r.t. ``params``.
+
+    Why ``torch.autograd.grad`` and not ``torch.func.grad_and_value``: under ``torch.compile``, torch
+    (2.11 to 2.14.1 at least) silently drops an ``autograd.Function``'s custom backward inside a
+    torch.func transform (pytorch/pytorch#193279), so a compiled ``func.grad`` step could not run the
+    project's Triton kernels (their ops have no autograd formula but the custom backward) and would
+    differentiate anything else wrongly. ``torch.autograd.grad`` inside the compiled function, traced
+    with ``torch._dynamo.config.trace_autograd_ops`` (set by :class:`TrainStep`), keeps the custom
+    backward on every admitted version, provided the leaves arrive already requiring grad (torch 2.11
+    refuses ``requires_grad_()`` inside a graph): :class:`TrainStep` makes them so before the call.
+    Eagerly the same code is plain autograd. Unused leaves get zero gradients, like torch.func.
+    """
+
+    def wrapped(params: T.Tree, *args: Any) -> tuple[T.Tree, tuple[Tensor, Any]]:
+        loss, aux = fn(params, *args)
+        leaves = T.leaves(params)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+        return T.map_like(params, grads), (loss.detach(), aux)
+
+    return wrapped
+
+
+def _grad_leaves(params: T.Tree) -> T.Tree:
+    """Fresh leaves that require grad, sharing storage with ``params`` (no copy, no sync)."""
+    return T.tree_map(lambda p: p.detach().requires_grad_(p.is_floating_point()), params)
+
+
+class TrainStep:
+    """``train_step(state, batch) -> (new_state, metrics)``.
+
+    A thin host-side shell around the pure ``body``: it hands ``body`` parameters that are leaves
+    requiring grad (see :func:`value_and_grad`) and turns on ``trace_autograd_ops`` so that
+    ``torch.compile`` traces the ``torch.autograd.grad`` call into the same graph. ``compiled()``
+    compiles the body, never the shell.
+    """
+
+    def __init__(self, body: Callable[[T.Tree, dict[str, Tensor]], tuple[T.Tree, Metrics]]):
+        self.body = body
+
+    def __call__(self, state: T.Tree, batch: dict[str, Tensor]) -> tuple[T.Tree, Metrics]:
+        state = {**state, "params": _grad_leaves(state["params"])}
+        with torch.enable_grad(), torch._dynamo.config.patch(trace_autograd_ops=True):
+            return self.body(state, batch)
+
+    def compiled(self, *, mode: str | None = None) -> "TrainStep":
+        return TrainStep(torch.compile(self.body, fullgraph=True, dynamic=False, mode=mode))
 
 
 def global_norm(grads: T.Tree) -> Tensor:
@@ -130,7 +179,7 @@ def init_state(params: T.Tree, buffers: T.Tree, optimizer: Optimizer, *, frozen:
 
 def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tensor], Tensor], *,
                     clip_fn: Callable[[Tensor], Tensor] | None = None, amp: AmpConfig = AmpConfig(),
-                    device_type: str = "cpu") -> Callable[[T.Tree, dict[str, Tensor]], tuple[T.Tree, Metrics]]:
+                    device_type: str = "cpu") -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)``; compile it with :func:`compile_step`.
 
     ``lr_fn`` and ``clip_fn`` map the step counter to a 0-d learning rate / clipping threshold
@@ -144,13 +193,17 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tens
         with ctx:
             loss, (new_buffers, metrics) = loss_fn(params, buffers, frozen, batch, step)
         loss = loss.float()
-        return loss * scale, (loss, new_buffers, metrics)
+        return (loss * scale if use_scaler else loss), (loss.detach(), new_buffers, metrics)
 
     def train_step(state: T.Tree, batch: dict[str, Tensor]) -> tuple[T.Tree, Metrics]:
         step = state["step"]
-        scale = state["scaler"]["scale"] if use_scaler else torch.ones((), device=step.device)
-        grads, (_, (loss, new_buffers, metrics)) = grad_and_value(scaled_loss, has_aux=True)(
+        scale = state["scaler"]["scale"] if use_scaler else None
+        grads, (_, (loss, new_buffers, metrics)) = value_and_grad(scaled_loss)(
             state["params"], state["buffers"], state["frozen"], batch, step, scale)
+        with torch.no_grad():
+            return update(state, grads, loss, new_buffers, metrics, step, scale)
+
+    def update(state, grads, loss, new_buffers, metrics, step, scale):
         if use_scaler:
             grads = T.tree_map(lambda g: g / scale, grads)
         norm = global_norm(grads)
@@ -183,16 +236,18 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tens
             decay = ema_decay(step)
             new_state["ema"] = {"params": ema_update(state["ema"]["params"], params, decay),
                                 "buffers": ema_update(state["ema"]["buffers"], new_buffers, decay)}
-        metrics = {**metrics, "loss": loss.detach(), "grad_norm": norm, "lr": lr, "clip": threshold}
+        metrics = {**metrics, "loss": loss, "grad_norm": norm, "lr": lr, "clip": threshold}
         return new_state, metrics
 
-    return train_step
+    return TrainStep(train_step)
 
 
 def compile_step(fn: Callable, enabled: bool, *, mode: str | None = None) -> Callable:
-    """``torch.compile`` the whole step as one graph (no graph breaks allowed)."""
+    """``torch.compile`` a step (a :class:`TrainStep`'s pure body, or an eval function) as one graph."""
     if not enabled:
         return fn
+    if isinstance(fn, TrainStep):
+        return fn.compiled(mode=mode)
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
 

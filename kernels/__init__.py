@@ -8,12 +8,16 @@ overrides, see :mod:`kernels._dispatch`):
 
 :mod:`kernels.reference` holds the pure-torch references under the same names (without the
 ``backend`` keyword); the CPU path, the tests and the benchmark all import them from there.
+:data:`LAUNCHES` counts the Triton launcher calls per op (what tests read to prove a path ran).
 """
 
+from ._dispatch import BACKENDS, LAUNCHES
 from .at import attention_map, attention_transfer_loss, attention_transfer_pair_loss
 from .ib import ib_reparam_kl, ib_student_loss, precision_clamp_value
 
 __all__ = [
+    "BACKENDS",
+    "LAUNCHES",
     "attention_map",
     "attention_transfer_loss",
     "attention_transfer_pair_loss",

@@ -18,6 +18,7 @@ under ``torch.compile``, so dispatching never adds a guard on a tensor value or 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 
@@ -47,10 +48,19 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     tl = _TritonMissing()
     HAS_TRITON = False
 
-__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "resolve_backend", "tl", "triton"]
+__all__ = ["BACKENDS", "HAS_TRITON", "LAUNCHES", "count_launch", "interpreting", "resolve_backend", "tl", "triton"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "KD_KERNELS"
+
+# Host-side count of Triton launcher calls per op (forward and backward separately). The launchers
+# run outside any traced graph (they are opaque dispatcher ops), so this counts real executions,
+# compiled or eager; tests use it to prove which path a training step took.
+LAUNCHES: Counter[str] = Counter()
+
+
+def count_launch(op: str) -> None:
+    LAUNCHES[op] += 1
 
 
 def interpreting() -> bool:

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._dispatch import resolve_backend, tl, triton
+from ._dispatch import count_launch, resolve_backend, tl, triton
 from .reference import NORMALIZE_EPS, accumulation_dtype, attention_map
 
 __all__ = ["attention_map", "attention_transfer_loss", "attention_transfer_pair_loss"]
@@ -292,6 +292,7 @@ def _launch_channel_energy(features: Tensor, out_hw: tuple[int, int], pool: tupl
 
 def _at_pair_forward(student_map: Tensor, teacher_map: Tensor, pool_h: int, pool_w: int) -> tuple[Tensor, Tensor]:
     """Launch the forward kernels; returns (loss 0-d, u (N, P))."""
+    count_launch("attention_transfer_pair_forward")
     acc = accumulation_dtype(student_map, teacher_map)
     samples = teacher_map.shape[0]
     out_hw = (teacher_map.shape[2], teacher_map.shape[3])
@@ -315,6 +316,7 @@ def _at_pair_forward(student_map: Tensor, teacher_map: Tensor, pool_h: int, pool
 
 
 def _at_pair_backward(grad_loss: Tensor, student_map: Tensor, direction: Tensor, pool_h: int, pool_w: int) -> Tensor:
+    count_launch("attention_transfer_pair_backward")
     samples, channels, height_in, width_in = student_map.shape
     height_out, width_out = height_in // pool_h, width_in // pool_w
     positions = height_out * width_out

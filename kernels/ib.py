@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import resolve_backend, tl, triton
+from ._dispatch import count_launch, resolve_backend, tl, triton
 from .reference import COSINE_EPS, NORMALIZE_EPS, PRECISION_EPS, accumulation_dtype, precision_clamp_value
 
 __all__ = ["ib_reparam_kl", "precision_clamp_value", "ib_student_loss"]
@@ -331,6 +331,7 @@ def _row_warps(block: int) -> int:
 
 
 def _reparam_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    count_launch("ib_reparam_kl_forward")
     rows, latent_dim = mu.shape
     acc = accumulation_dtype(mu, logvar)
     z = torch.empty((rows, latent_dim), device=mu.device, dtype=mu.dtype)
@@ -344,6 +345,7 @@ def _reparam_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor
 
 
 def _reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl) -> tuple[Tensor, Tensor]:
+    count_launch("ib_reparam_kl_backward")
     rows, latent_dim = mu.shape
     grad_mu = torch.empty((rows, latent_dim), device=mu.device, dtype=mu.dtype)
     grad_logvar = torch.empty((rows, latent_dim), device=mu.device, dtype=logvar.dtype)
@@ -367,6 +369,7 @@ def _row_major(t: Tensor) -> Tensor:
 
 
 def _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
+    count_launch("ib_student_loss_forward")
     rows, latent_dim = z_s.shape
     classes = student_logits.shape[1]
     acc = accumulation_dtype(z_s, mu, student_logits, synergy_logits)
@@ -386,6 +389,7 @@ def _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synerg
 def _student_loss_backward(
     grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing
 ):
+    count_launch("ib_student_loss_backward")
     rows, latent_dim = z_s.shape
     grad_terms = grad_terms.contiguous()
     classes = student_logits.shape[1]

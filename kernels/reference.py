@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import reduce
 from torch import Tensor
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "ib_reparam_kl",
     "precision_clamp_value",
     "ib_student_loss",
+    "distillation_kl",
+    "mixed_cross_entropy",
     "PRECISION_EPS",
     "NORMALIZE_EPS",
     "COSINE_EPS",
@@ -55,8 +58,8 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
 
 def attention_map(f: Tensor) -> Tensor:
     """``A(f) = normalize(flatten(mean_c f^2))``: (N, C, H, W) -> (N, H*W), unit L2 norm per sample."""
-    f = f.to(accumulation_dtype(f))
-    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1, eps=NORMALIZE_EPS)
+    energy = reduce(f.to(accumulation_dtype(f)).pow(2), "n c h w -> n (h w)", "mean")
+    return F.normalize(energy, dim=1, eps=NORMALIZE_EPS)
 
 
 def attention_transfer_pair_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
@@ -97,6 +100,54 @@ def attention_transfer_loss(
         term = weight * attention_transfer_pair_loss(student_map, teacher_map)
         total = term if total is None else total + term
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# The two terms every method shares: temperature-scaled KD and cross-entropy on mixed targets.
+# Defined once here; the IB kernel's reference below, kd.losses (Hinton, ensemble and DKD) and
+# kd.step.mixed_cross_entropy all call these.
+# ----------------------------------------------------------------------------------------------
+
+
+def distillation_kl(student_logits: Tensor, teacher_log_probs: Tensor, temperature: Tensor | float) -> Tensor:
+    """``T^2 * KL(p_teacher || softmax(student / T))``, summed over classes, batch mean (Hinton et al.).
+
+    ``teacher_log_probs`` are the target's log-probabilities *at temperature T* (e.g.
+    ``log_softmax(teacher / T)``, or the log of an average of several teachers' tempered softmaxes);
+    they are constants. The ``T^2`` keeps the gradient's size independent of ``T``.
+    """
+    acc = accumulation_dtype(student_logits, teacher_log_probs)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().to(acc)
+    student_log_probs = F.log_softmax(student_logits.to(acc) / temperature, dim=1)
+    teacher_log_probs = teacher_log_probs.detach().to(acc)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(1).mean()
+    return kl * temperature**2
+
+
+def _label_smoothed_cross_entropy(
+    log_probs: Tensor, target: Tensor, label_smoothing: float
+) -> Tensor:
+    """Per-sample CE with PyTorch's label smoothing: ``(1-eps)*(-log p_y) + eps/K * sum_k -log p_k``."""
+    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    if label_smoothing == 0.0:
+        return nll
+    uniform = -log_probs.mean(1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+
+
+def mixed_cross_entropy(
+    logits: Tensor, target_a: Tensor, target_b: Tensor, lam: Tensor | float, label_smoothing: float = 0.0
+) -> Tensor:
+    """``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)``, batch means (mixup / CutMix targets;
+    ``y_b = y_a``, ``lam = 1`` when nothing is mixed), with PyTorch's label smoothing."""
+    acc = accumulation_dtype(logits)
+    log_probs = F.log_softmax(logits.to(acc), dim=1)
+    ce_a = _label_smoothed_cross_entropy(log_probs, target_a, label_smoothing).mean()
+    ce_b = _label_smoothed_cross_entropy(log_probs, target_b, label_smoothing).mean()
+    if isinstance(lam, Tensor):
+        lam = lam.detach().to(acc)
+    return lam * ce_a + (1.0 - lam) * ce_b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,17 +206,6 @@ def precision_clamp_value(logvar: Tensor, q: float = 0.99) -> Tensor:
     return torch.lerp(value_below, value_above, rank - rank_below)
 
 
-def _label_smoothed_cross_entropy(
-    log_probs: Tensor, target: Tensor, label_smoothing: float
-) -> Tensor:
-    """Per-sample CE with PyTorch's label smoothing: ``(1-eps)*(-log p_y) + eps/K * sum_k -log p_k``."""
-    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-    if label_smoothing == 0.0:
-        return nll
-    uniform = -log_probs.mean(1)
-    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
-
-
 def ib_student_loss(
     z_s: Tensor,
     mu: Tensor,
@@ -202,16 +242,7 @@ def ib_student_loss(
     mse = (precision * (z_s_acc - mu_hat).pow(2)).sum(1).mean()
     ang = 1.0 - F.cosine_similarity(z_s_acc, mu_acc, dim=1, eps=COSINE_EPS).mean()
 
-    # KD: T^2 * KL(softmax(synergy/T) || softmax(student/T)), batch mean.
-    synergy_log_probs = F.log_softmax(synergy / temperature, dim=1)
-    student_log_probs_t = F.log_softmax(student / temperature, dim=1)
-    kd = temperature.pow(2) * (
-        (synergy_log_probs.exp() * (synergy_log_probs - student_log_probs_t)).sum(1).mean()
-    )
-
-    # CE on mixed targets (mixup / CutMix): lam * CE(y_a) + (1 - lam) * CE(y_b).
-    student_log_probs = F.log_softmax(student, dim=1)
-    ce_a = _label_smoothed_cross_entropy(student_log_probs, target_a, label_smoothing).mean()
-    ce_b = _label_smoothed_cross_entropy(student_log_probs, target_b, label_smoothing).mean()
-    ce = lam * ce_a + (1.0 - lam) * ce_b
+    # KD: T^2 * KL(softmax(synergy/T) || softmax(student/T)), batch mean; CE on mixed targets.
+    kd = distillation_kl(student, F.log_softmax(synergy / temperature, dim=1), temperature)
+    ce = mixed_cross_entropy(student, target_a, target_b, lam, label_smoothing)
     return mse, ang, kd, ce

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -12,50 +11,9 @@ from kd.config import ModelConfig, RunConfig
 from kd.data import DataConfig
 from kd.modeling import Net, build_net
 from kd.optim import OptimConfig
-from kd.run import load_weights, say
 from kd.step import AmpConfig, apply_model
 from kd.supervised import Extras, prepare, resolve_resume, train_network
-
-
-def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
-    """Fine-tune the teacher with ``recipes.teacher`` when its checkpoint is missing (as the original
-    ``run_ibkd.sh`` did). The teacher sees the same dataset, split and seed as the student, so the
-    validation images stay unseen by both. The teacher recipe's own defaults (SPEC 5) apply otherwise."""
-    if Path(ckpt).exists():
-        return
-    from recipes import teacher
-
-    say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
-    base = teacher.CONFIG
-    data = dataclasses.replace(base.data, name=cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
-                               split_seed=cfg.data.split_seed,
-                               train_subset=cfg.data.train_subset, synthetic_size=cfg.data.synthetic_size,
-                               synthetic_classes=cfg.data.synthetic_classes, batch_size=cfg.data.batch_size,
-                               eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
-    # SPEC 5 warms up for 5 of 30 epochs: keep that ratio when fewer fine-tuning epochs are asked for.
-    optim = dataclasses.replace(base.optim, warmup_epochs=min(base.optim.warmup_epochs, epochs / 6))
-    teacher.run(dataclasses.replace(
-        base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
-        device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
-        out_dir=cfg.out_dir, log_every=cfg.log_every, run_name="", resume=""))
-
-
-def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,
-                 channels_last: bool = False) -> Net:
-    """A frozen teacher: the skeleton from ``model`` (no download: the weights come from ``ckpt``), checked
-    against the checkpoint's architecture and class count."""
-    net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last)
-    params, buffers, meta = load_weights(ckpt, expect={"arch": model.arch, "num_classes": num_classes}, device=device)
-    part = next(iter(params))  # a teacher checkpoint holds one part ("teacher")
-    net.params, net.buffers = params[part], buffers.get(part, {})
-    if channels_last:
-        net.params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                      for k, v in net.params.items()}
-    missing = set(net.train_skeleton.state_dict()) - set(net.params) - set(net.buffers)
-    if missing:
-        from kd.errors import CheckpointError
-        raise CheckpointError(f"{ckpt} lacks {len(missing)} tensors of {model.arch} (e.g. {sorted(missing)[0]})")
-    return net
+from kd.teachers import ensure_teacher, load_teacher  # noqa: F401  (re-exported for the recipes)
 
 
 @dataclass(frozen=True)

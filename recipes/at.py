@@ -43,7 +43,7 @@ def attention_loss(cfg: ATConfig, student, teacher, device):
                                                                           batch["x"])
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         at = kernels.attention_transfer_loss([features[s] for s in cfg.stages],
-                                             [teacher_features[s] for s in cfg.stages])
+                                             [teacher_features[s] for s in cfg.stages], backend=cfg.kernels)
         loss = ce + cfg.beta * at
         return loss, (new_buffers, {"ce": ce.detach(), "at": at.detach()})
     return loss_fn, {}, {}

@@ -32,9 +32,10 @@ def launch(*args, cwd, check=True):
     return proc
 
 
-def step_losses(run_dir: Path) -> list[float]:
+def step_losses(run_dir: Path, stage: str = "") -> list[float]:
+    """The first five logged training losses of one stage ("" = the main network; IB-KD's MBM is "A1")."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "step"][:5]
+    return [r["loss"] for r in records if r["kind"] == "step" and r.get("stage", "") == stage][:5]
 
 
 def only_run(out: Path, prefix: str) -> Path:
@@ -43,8 +44,8 @@ def only_run(out: Path, prefix: str) -> Path:
     return found[0]
 
 
-def check_golden(name: str, losses: list[float]) -> None:
-    assert len(losses) == 5
+def check_golden(name: str, losses: list[float], count: int = 5) -> None:
+    assert len(losses) == count
     stored = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     if UPDATE:
         stored[name] = losses
@@ -120,6 +121,33 @@ def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
         from kd.checkpoint import load_checkpoint
         tree, _ = load_checkpoint(run_dir / "best.safetensors")
         assert tree["params"]["regressor"]["weight"].shape == (16, 16, 1, 1)  # resnet8 stage2 (16 ch) -> resnet8 stage2
+
+
+IBKD_TINY = ["--student.arch", "resnet8", "--teacher1.arch", "resnet8", "--teacher1.pretrained", "False",
+             "--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1", "--teacher2.pretrained",
+             "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2", "--stage-a.batch-size",
+             "16", "--mbm.z-dim", "32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_compiled_ibkd_cli_golden_losses(workdir, kernels):
+    """``--compile True``: the compiled stage-A and stage-B steps through the real CLI, with the pure-torch
+    references and with the Triton kernels (under TRITON_INTERPRET=1 on a CPU), reproduce the same stored
+    losses (generated with ``--kernels reference``; rel 1e-4) and the same accuracies."""
+    out = workdir / f"runs_ibkd_compiled_{kernels}"
+    env = {k: v for k, v in os.environ.items() if k != "KD_KERNELS"}  # the field decides, not the variable
+    args = [*TINY, *IBKD_TINY, "--compile", "True", "--kernels", kernels, "--out-dir", str(out)]  # last flag wins
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "recipes.ibkd", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = only_run(out, "ibkd")
+    assert json.loads((run_dir / "config.json").read_text())["kernels"] == kernels
+    check_golden("ibkd_compiled", step_losses(run_dir))
+    check_golden("ibkd_compiled_stage_a", step_losses(run_dir, stage="A1"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    accuracies = [summary[k] for k in ("synergy_val_acc", "synergy_test_acc", "best_val_acc", "last_test_acc")]
+    check_golden("ibkd_compiled_accuracies", accuracies, count=4)
 
 
 def test_report_over_runs(workdir):

@@ -1,0 +1,113 @@
+"""Teachers: fine-tuning one (SPEC 5), making sure a distillation run has its checkpoints, loading one frozen.
+
+Fine-tuning is a kd/ function so that every distillation method (and ``recipes.teacher``) calls the
+same code; ``recipes.teacher`` only exposes it on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelConfig, RunConfig, resolve_device, resolve_kernels, to_dict
+from .data import DataConfig
+from .errors import CheckpointError
+from .modeling import Net, build_net
+from .optim import OptimConfig
+from .run import load_weights, say
+from .supervised import resolve_resume, train_classifier
+
+
+@dataclass(frozen=True)
+class TeacherConfig(RunConfig):
+    """Teacher fine-tuning: AdamW, warm-up + cosine, RandAugment, mixup, label smoothing, clipping."""
+
+    teacher: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
+    """The teacher network."""
+    ckpt: str = "checkpoints/resnet152_ft.safetensors"
+    """Where the best-by-validation teacher weights are written (safetensors)."""
+    overwrite: bool = False
+    """Remove an existing --ckpt and train again; without it an existing checkpoint is reused."""
+    label_smoothing: float = 0.05
+    """Label smoothing of the cross-entropy."""
+    grad_clip_norm: float = 1.0
+    """Global gradient-norm clipping threshold (0 = off)."""
+    ema: bool = False
+    """Also keep an EMA of the weights (reported, not written to --ckpt)."""
+
+
+# SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),
+# mixup 0.2, label smoothing 0.05, clipping 1.0.
+FINE_TUNING = TeacherConfig(
+    data=DataConfig(name="cifar100", batch_size=128, randaugment_n=2, randaugment_m=7, mixup_alpha=0.2),
+    optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=3e-4, warmup_epochs=5, min_lr_ratio=0.1),
+    epochs=30,
+)
+
+
+def fine_tune(cfg: TeacherConfig) -> dict:
+    """Train the teacher and write its best-by-validation weights (with metadata) to ``cfg.ckpt``;
+    an existing checkpoint is reused unless ``cfg.overwrite``."""
+    cfg = resolve_resume(cfg)
+    ckpt = Path(cfg.ckpt)
+    if ckpt.exists() and not cfg.resume:
+        if not cfg.overwrite:
+            meta = load_checkpoint(ckpt)[1]  # fails clearly if the file is unusable
+            say(f"teacher checkpoint {ckpt} exists (arch {meta.get('arch')}, val acc {meta.get('val_acc', '?')}): "
+                f"reusing it, training skipped (pass --overwrite True to retrain)")
+            return {"skipped": True, "ckpt": str(ckpt)}
+        say(f"--overwrite True: removing {ckpt}")
+        ckpt.unlink()
+    run_dir, summary = train_classifier(cfg, "teacher", cfg.teacher, part="teacher",
+                                        label_smoothing=cfg.label_smoothing, grad_clip_norm=cfg.grad_clip_norm,
+                                        ema=cfg.ema)
+    tree, meta = load_checkpoint(run_dir.path("best.safetensors"))
+    meta = {k: v for k, v in meta.items() if k not in ("format", "code_version")}
+    meta.update({"config": to_dict(cfg), "val_acc": summary["best_val_acc"], "test_acc": summary["best_test_acc"]})
+    save_checkpoint(ckpt, tree, meta)
+    say(f"teacher weights (best by validation: val {summary['best_val_acc']:.2f}%, test "
+        f"{summary['best_test_acc']:.2f}%) written to {ckpt}")
+    return summary
+
+
+def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
+    """Fine-tune the teacher when its checkpoint is missing (as the original ``run_ibkd.sh`` did). The
+    teacher sees the same dataset, split and seed as the student, so the validation images stay unseen
+    by both; SPEC 5's defaults apply otherwise."""
+    resolve_kernels(cfg, resolve_device(cfg.device))  # a bad --kernels fails before any fine-tuning
+    if Path(ckpt).exists():
+        return
+    say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
+    base = FINE_TUNING
+    data = dataclasses.replace(base.data, name=cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
+                               split_seed=cfg.data.split_seed,
+                               train_subset=cfg.data.train_subset, synthetic_size=cfg.data.synthetic_size,
+                               synthetic_classes=cfg.data.synthetic_classes, batch_size=cfg.data.batch_size,
+                               eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
+    # SPEC 5 warms up for 5 of 30 epochs: keep that ratio when fewer fine-tuning epochs are asked for.
+    optim = dataclasses.replace(base.optim, warmup_epochs=min(base.optim.warmup_epochs, epochs / 6))
+    fine_tune(dataclasses.replace(
+        base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
+        device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
+        out_dir=cfg.out_dir, log_every=cfg.log_every, run_name="", resume=""))
+
+
+def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,
+                 channels_last: bool = False) -> Net:
+    """A frozen teacher: the skeleton from ``model`` (no download: the weights come from ``ckpt``), checked
+    against the checkpoint's architecture and class count."""
+    net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last)
+    params, buffers, meta = load_weights(ckpt, expect={"arch": model.arch, "num_classes": num_classes}, device=device)
+    part = next(iter(params))  # a teacher checkpoint holds one part ("teacher")
+    net.params, net.buffers = params[part], buffers.get(part, {})
+    if channels_last:
+        net.params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                      for k, v in net.params.items()}
+    missing = set(net.train_skeleton.state_dict()) - set(net.params) - set(net.buffers)
+    if missing:
+        raise CheckpointError(f"{ckpt} lacks {len(missing)} tensors of {model.arch} (e.g. {sorted(missing)[0]})")
+    return net
