@@ -1,24 +1,46 @@
-"""Compare methods like for like: ce, kd, at, fitnet and ibkd students, several seeds, one table and plot.
+"""Compare methods like for like over several seeds: every method's students in one table and one plot.
 
-Every method gets the same data, student, budget, optimizer and augmentation; the two teachers are
-fine-tuned once (or reused from their checkpoints) and shared. The single-teacher baselines distil from
-``--single-teacher`` (teacher1 by default).
+Methods: ce, kd, at, fitnet, dkd, ensemble_kd, ibkd and the IB-KD ablations. Every method gets the same
+data, student, budget, optimizer and augmentation; the two teachers are fine-tuned once (or reused from
+their checkpoints) and shared. The single-teacher baselines (kd, at, fitnet, dkd) distil from
+``--single-teacher``: by default the stronger teacher by validation accuracy. The IB-KD ablations are
+IB-KD with one piece replaced (``ABLATIONS``); each run is recorded under its variant's name, so the
+report groups them apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
-from kd.config import RunConfig
+from kd.checkpoint import read_metadata
+from kd.config import ModelConfig, RunConfig
+from kd.errors import ConfigError
 from kd.run import say
 
-from . import at, ce, fitnet, ibkd, kd, report
+from . import at, ce, dkd, ensemble_kd, fitnet, ibkd, kd, report
 from ._cli import parse
 from ._distill import ensure_teacher
 
-METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "ibkd": ibkd}
+Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "ibkd",
+                 "ibkd_nolatent", "ibkd_vib", "ibkd_feat", "ibkd_avg"]
+METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd, "ibkd": ibkd}
+SINGLE_TEACHER = ("kd", "at", "fitnet", "dkd")
+TWO_TEACHERS = ("ensemble_kd",)
+
+# IB-KD ablations: the compared IB-KD config with one piece replaced.
+ABLATIONS: dict[str, Callable[["CompareConfig", ibkd.IBKDConfig], ibkd.IBKDConfig]] = {
+    # no latent alignment: the student learns from the synergy logits and the labels only
+    "ibkd_nolatent": lambda cmp, c: dataclasses.replace(c, stage_b=dataclasses.replace(c.stage_b, latent_alpha=0.0)),
+    # concatenated teacher features instead of the gate
+    "ibkd_vib": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="vib")),
+    # the optional feature term switched on
+    "ibkd_feat": lambda cmp, c: dataclasses.replace(
+        c, stage_b=dataclasses.replace(c.stage_b, gamma=cmp.ablation_gamma)),
+    # the MBM replaced by the plain average of the teachers
+    "ibkd_avg": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="avg")),
+}
 
 
 @dataclass(frozen=True)
@@ -26,12 +48,16 @@ class CompareConfig(ibkd.IBKDConfig):
     """IB-KD's config (its teachers, MBM and stage settings are the shared ones) plus what to compare;
     the other methods keep their recipes' method-specific defaults."""
 
-    methods: tuple[Literal["ce", "kd", "at", "fitnet", "ibkd"], ...] = ("ce", "kd", "at", "fitnet", "ibkd")
-    """Methods to run."""
+    methods: tuple[Method, ...] = ("ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd")
+    """Methods to run. IB-KD ablations (not run by default): ibkd_nolatent (latent_alpha 0), ibkd_vib
+    (mbm.kind vib), ibkd_feat (stage_b.gamma = --ablation-gamma), ibkd_avg (MBM replaced by the teacher average)."""
     seeds: tuple[int, ...] = (0, 1)
     """Run seeds (initialisation, data order, augmentation); the validation split stays data.split_seed."""
-    single_teacher: Literal["teacher1", "teacher2"] = "teacher1"
-    """Teacher of the single-teacher baselines (kd, at, fitnet)."""
+    single_teacher: Literal["teacher1", "teacher2", "stronger"] = "stronger"
+    """Teacher of the single-teacher baselines (kd, at, fitnet, dkd); 'stronger' = the one whose checkpoint
+    records the higher validation accuracy (teacher1 on a tie)."""
+    ablation_gamma: float = 1.0
+    """Feature-term weight stage_b.gamma of the ibkd_feat ablation."""
     report_name: str = "compare"
     """Base name of the report files (in --report-dir)."""
     report_dir: str = "reports"
@@ -46,26 +72,60 @@ class CompareConfig(ibkd.IBKDConfig):
 CONFIG = CompareConfig(**{f.name: getattr(ibkd.CONFIG, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)})
 
 
+def validation_accuracy(ckpt: str) -> float:
+    meta = read_metadata(ckpt)
+    if "val_acc" not in meta:
+        raise ConfigError(f"{ckpt} records no val_acc (not written by recipes.teacher): pass --single-teacher "
+                          "teacher1 or teacher2")
+    return float(meta["val_acc"])
+
+
+def pick_single_teacher(cfg: CompareConfig) -> tuple[ModelConfig, str]:
+    """The single-teacher baselines' teacher and checkpoint; 'stronger' reads both checkpoints' val_acc."""
+    if cfg.single_teacher == "teacher1":
+        return cfg.teacher1, cfg.teacher1_ckpt
+    if cfg.single_teacher == "teacher2":
+        return cfg.teacher2, cfg.teacher2_ckpt
+    acc1, acc2 = validation_accuracy(cfg.teacher1_ckpt), validation_accuracy(cfg.teacher2_ckpt)
+    name, model, ckpt = ("teacher1", cfg.teacher1, cfg.teacher1_ckpt) if acc1 >= acc2 else \
+        ("teacher2", cfg.teacher2, cfg.teacher2_ckpt)
+    say(f"single-teacher baselines distil from the stronger teacher: {name} {model.arch} "
+        f"(val acc {cfg.teacher1.arch} {acc1:.2f}%, {cfg.teacher2.arch} {acc2:.2f}%)")
+    return model, ckpt
+
+
+def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[ModelConfig, str] | None):
+    """The config one method runs with: IB-KD (and its ablations) from the compared IB-KD fields, the
+    baselines from their recipe's defaults with the shared data, budget, student and teachers."""
+    if method == "ibkd" or method in ABLATIONS:
+        ibkd_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)}
+        base = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": ""})
+        return ABLATIONS[method](cfg, base) if method in ABLATIONS else base
+    overrides: dict = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)},
+                       "seed": seed, "student": cfg.student, "run_name": ""}
+    if method in SINGLE_TEACHER:
+        overrides.update(teacher=single[0], teacher_ckpt=single[1], teacher_epochs=cfg.teacher_epochs)
+    if method in TWO_TEACHERS:
+        overrides.update(teacher1=cfg.teacher1, teacher1_ckpt=cfg.teacher1_ckpt, teacher2=cfg.teacher2,
+                         teacher2_ckpt=cfg.teacher2_ckpt, teacher_epochs=cfg.teacher_epochs)
+    return dataclasses.replace(METHODS[method].CONFIG, **overrides)
+
+
 def run(cfg: CompareConfig) -> list[dict]:
-    ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs)
-    if "ibkd" in cfg.methods or cfg.single_teacher == "teacher2":
+    needs_single = any(m in SINGLE_TEACHER for m in cfg.methods)
+    needs_both = any(m not in ("ce", *SINGLE_TEACHER) for m in cfg.methods)
+    if needs_single or needs_both:
+        ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs)
+    if needs_both or (needs_single and cfg.single_teacher != "teacher1"):
         ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs)
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
-    ibkd_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)}
-    single = (cfg.teacher1, cfg.teacher1_ckpt) if cfg.single_teacher == "teacher1" else (cfg.teacher2, cfg.teacher2_ckpt)
+    single = pick_single_teacher(cfg) if needs_single else None
     run_dirs = []
     for seed in cfg.seeds:
         for method in cfg.methods:
             say(f"\n=== {method}, seed {seed} ===")
-            if method == "ibkd":
-                method_cfg = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": ""})
-            else:
-                module = METHODS[method]
-                overrides: dict = {**shared, "seed": seed, "student": cfg.student, "run_name": ""}
-                if method != "ce":
-                    overrides.update(teacher=single[0], teacher_ckpt=single[1], teacher_epochs=cfg.teacher_epochs)
-                method_cfg = dataclasses.replace(module.CONFIG, **overrides)
-            run_dirs.append(METHODS[method].run(method_cfg)["run_dir"])
+            module = ibkd if method in ABLATIONS else METHODS[method]
+            # the recipe name becomes the run-name prefix and the summary's method: ablations stay apart
+            run_dirs.append(module.run(method_config(cfg, method, seed, single), recipe=method)["run_dir"])
     say("")
     return report.run(report.ReportConfig(runs=tuple(run_dirs), out=cfg.report_dir, name=cfg.report_name))
 

@@ -1,4 +1,6 @@
-"""Compare runs: one table (Markdown + CSV) and one PNG of validation-accuracy curves.
+"""Compare runs: one table (Markdown + CSV; per method: mean ± std over seeds) and one PNG of validation curves.
+
+The PNG draws each method's validation accuracy per epoch as the mean over its seeds, shaded min..max.
 
     python launch.py recipes.report runs/ibkd-... runs/ce-... [--out reports/]
 """
@@ -9,7 +11,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 
 from kd.errors import ConfigError
 from kd.run import say
@@ -27,7 +29,8 @@ class ReportConfig:
     runs: tuple[str, ...] = ()
     """Run directories (each with summary.json and metrics.jsonl); a folder of runs is expanded."""
     out: str = "reports"
-    """Folder for report.md, report.csv and report.png."""
+    """Folder for report.md (per-method mean ± std, then per run), report.csv (per run), report_methods.csv
+    (per method) and report.png."""
     name: str = "report"
     """Base name of the output files."""
 
@@ -80,24 +83,73 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+# One group = the runs of one method with one student, teachers and budget: the seeds of a comparison.
+GROUP_KEY = ("method", "teachers", "student", "epochs")
+SUMMARY_METRICS = ("val_acc_best", "test_acc_best", "test_acc_last", "test_acc_ema_best")
+SUMMARY_COLUMNS = [*GROUP_KEY, "runs", *(f"{m}_{stat}" for m in SUMMARY_METRICS for stat in ("mean", "std"))]
+
+
+def groups_of(rows: list[dict]) -> dict[tuple, list[int]]:
+    """Row indices per group, in the order groups first appear."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(i)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) over seeds; the std is None for a single run."""
+    if not values:
+        return None, None
+    return mean(values), (stdev(values) if len(values) > 1 else None)
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per group: mean and sample std over its seeds of each accuracy."""
+    out = []
+    for key, members in groups_of(rows).items():
+        row: dict = dict(zip(GROUP_KEY, key), runs=len(members))
+        for metric in SUMMARY_METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
+                [rows[i][metric] for i in members if rows[i][metric] is not None])
+        out.append(row)
+    return out
+
+
+def _mean_pm_std(m: float | None, s: float | None) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.2f} ± {s:.2f}" if s is not None else f"{m:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    per_method = summary_rows(rows)
+    lines = ["Per method: mean ± sample std (n - 1) over seeds, accuracies in %.", "",
+             "| method | teachers | student | epochs | runs | " + " | ".join(SUMMARY_METRICS) + " |",
+             "|" + "---|" * (5 + len(SUMMARY_METRICS))]
+    for r in per_method:
+        cells = [_fmt(r[k]) for k in (*GROUP_KEY, "runs")]
+        cells += [_mean_pm_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in SUMMARY_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per run:", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["teachers"], r["student"]), []).append(r)
-    if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "| method | teachers | student | runs | test acc best (mean ± std) | test acc last (mean ± std) |",
-                  "|---|---|---|---|---|---|"]
-        for (method, teachers, student), g in groups.items():
-            best = [r["test_acc_best"] for r in g if r["test_acc_best"] is not None]
-            last = [r["test_acc_last"] for r in g if r["test_acc_last"] is not None]
-            stat = lambda v: f"{mean(v):.2f} ± {pstdev(v):.2f}" if v else "-"  # noqa: E731
-            lines.append(f"| {method} | {teachers} | {student} | {len(g)} | {stat(best)} | {stat(last)} |")
     return "\n".join(lines)
 
 
+def mean_curve(run_curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per epoch over the runs that reached it: ``(epochs, mean, min, max)`` of validation accuracy."""
+    by_epoch: dict[int, list[float]] = {}
+    for points in run_curves:
+        for epoch, acc in points:
+            by_epoch.setdefault(epoch, []).append(acc)
+    epochs = sorted(by_epoch)
+    return (epochs, [mean(by_epoch[e]) for e in epochs], [min(by_epoch[e]) for e in epochs],
+            [max(by_epoch[e]) for e in epochs])
+
+
 def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
+    """Validation accuracy against epochs, one line per method: the mean over its seeds, shaded from the
+    lowest to the highest seed, so a reader sees whether (and how consistently) each method converged."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -106,14 +158,20 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
         say("matplotlib is not installed: table written, plot skipped (pip install -e '.[plot]' for the PNG)")
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    for run_dir, row in zip(run_dirs, rows):
-        points = curves(run_dir)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                    label=f"{row['method']} {row['student']} s{row['seed']}")
+    for key, members in groups_of(rows).items():
+        run_curves = [points for points in (curves(run_dirs[i]) for i in members) if points]
+        if not run_curves:
+            continue
+        epochs, avg, low, high = mean_curve(run_curves)
+        group = dict(zip(GROUP_KEY, key))
+        seeds = f"mean of {len(run_curves)} seeds" if len(run_curves) > 1 else "1 seed"
+        line, = ax.plot(epochs, avg, marker="o", markersize=3, label=f"{group['method']} {group['student']} ({seeds})")
+        if len(run_curves) > 1:
+            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(rows[0]["dataset"].split(";")[0] if rows else "")
+    dataset = rows[0]["dataset"].split(";")[0] if rows else ""
+    ax.set_title(f"{dataset}: mean over seeds, band = min..max over seeds".lstrip(": "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -133,9 +191,13 @@ def run(cfg: ReportConfig) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    with open(out / f"{cfg.name}_methods.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(summary_rows(rows))
     say(table)
     plotted = plot(run_dirs, rows, out / f"{cfg.name}.png")
-    say(f"\nwrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.csv')}"
+    say(f"\nwrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.csv')}, {out / (cfg.name + '_methods.csv')}"
         + (f", {out / (cfg.name + '.png')}" if plotted else ""))
     return rows
 
