@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {name} is not a recipe (it has no main())", file=sys.stderr)
         return 2
 
+    from kd import distributed
     from kd.errors import ENVIRONMENT_ERRNOS, KDError, describe_os_error
 
     try:
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the last epoch's checkpoint is in the run directory (resume with --resume RUN_DIR)",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()  # leave a torchrun process group cleanly (no-op otherwise)
 
 
 if __name__ == "__main__":

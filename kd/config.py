@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from .data import DataConfig
+from .distributed import DistConfig, init as init_distributed, launched_by_torchrun
 from .errors import ConfigError
 from .optim import OptimConfig
 from .step import AmpConfig
@@ -74,6 +76,8 @@ class RunConfig:
     """Read training metrics back from the device every N steps."""
     log: LogConfig = field(default_factory=LogConfig)
     """Extra metric sinks."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Data parallelism under torchrun (see kd.distributed)."""
     out_dir: str = "runs"
     """Parent folder of run directories (runs/<recipe>-<time>/)."""
     run_name: str = ""
@@ -96,7 +100,9 @@ def resolve_device(name: str) -> torch.device:
     """The torch device for ``--device``; anything but the documented forms, or a GPU this machine lacks,
     is one :class:`ConfigError`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and launched_by_torchrun():  # one GPU per rank
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise ConfigError(f"unknown device {name!r}: use {DEVICE_FORMS}")
     device = torch.device(name)
@@ -170,8 +176,6 @@ def load_run_config(cls: type, run_dir: str | Path) -> Any:
 def resolve_kernels(cfg: Any, device: torch.device) -> Any:
     """``cfg`` with its ``kernels`` field final: ``$KD_KERNELS`` overrides it; a choice that cannot run on
     ``device`` is one clear :class:`ConfigError` before any work."""
-    import os
-
     from kernels import BACKENDS
     from kernels._dispatch import ENV_VAR, HAS_TRITON, interpreting
 
@@ -186,3 +190,13 @@ def resolve_kernels(cfg: Any, device: torch.device) -> Any:
                               "TRITON_INTERPRET=1 set in the environment (CPU interpreter, slow); "
                               "use --kernels auto or reference")
     return cfg if choice == cfg.kernels else dataclasses.replace(cfg, kernels=choice)
+
+
+def setup(cfg: Any) -> tuple[Any, torch.device]:
+    """Before any work: the device, the final kernels choice, and (under torchrun) joining the process group."""
+    device = resolve_device(cfg.device)
+    cfg = resolve_kernels(cfg, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    init_distributed(cfg.dist, device)
+    return cfg, device

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference as kernel_reference
 
-from .config import ModelConfig, RunConfig
 from .losses import clip_threshold, feature_alignment, kd_ramp, latent_weight, lerp, progress
 from .mbm import MBM, MBMConfig
 from .modeling import Net
 from .step import apply_model, call_stateless
+from .teachers import TwoTeachersConfig
 
 
 @dataclass(frozen=True)
@@ -84,21 +84,9 @@ class StageBConfig:
 
 
 @dataclass(frozen=True)
-class IBKDConfig(RunConfig):
+class IBKDConfig(TwoTeachersConfig):
     """Multi-teacher IB-KD (SPEC 6)."""
 
-    student: ModelConfig = ModelConfig(arch="resnet8x4")
-    """The student network."""
-    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
-    """First teacher (weights from --teacher1-ckpt)."""
-    teacher1_ckpt: str = "checkpoints/resnet152_ft.safetensors"
-    """First teacher's fine-tuned weights; fine-tuned first when missing."""
-    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=True)
-    """Second teacher (weights from --teacher2-ckpt)."""
-    teacher2_ckpt: str = "checkpoints/efficientnet_b2_ft.safetensors"
-    """Second teacher's fine-tuned weights; fine-tuned first when missing."""
-    teacher_epochs: int = 30
-    """Fine-tuning epochs for a teacher whose checkpoint is missing."""
     mbm: MBMConfig = field(default_factory=MBMConfig)
     """The bottleneck module."""
     stage_a: StageAConfig = field(default_factory=StageAConfig)

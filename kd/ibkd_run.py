@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from . import tree as T
 from .checkpoint import read_metadata, save_checkpoint
+from .config import to_dict
 from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches, steps_per_epoch
+from .distributed import barrier, convert_sync_bn, sum_across_ranks, world
 from .errors import ConfigError
 from .ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss
 from .mbm import MBM, ProjectionHead
@@ -71,30 +73,44 @@ class FeatureCache:
 
 def build_cache(teachers: tuple[Net, Net], data: Dataset, splits: Splits, data_cfg: DataConfig, *, views: int,
                 seed: int, device: torch.device, channels_last: bool = False) -> FeatureCache:
-    pooled1, pooled2, logits = [], [], []
+    """Both teachers' pooled features and logits for every image and view. In a data-parallel job each
+    rank runs the teachers on its shard and the ranks' pieces are summed into the whole cache."""
+    rank, size = world().rank, world().size
+    n = len(data.labels)
+    widths = [feature_shapes(t.eval_skeleton)["pooled"][1] for t in teachers]
+    classes = splits.num_classes
+    pooled1 = torch.zeros(views, n, widths[0], device=device)  # (V, N, C1)
+    pooled2 = torch.zeros(views, n, widths[1], device=device)  # (V, N, C2)
+    logits = torch.zeros(views, 2, n, classes, device=device)
     for view in range(views):
-        p1, p2, l1, l2 = [], [], [], []
-        for batch in eval_batches(augmented_view(data, view, seed), splits, data_cfg, device=device):
+        for batch in eval_batches(augmented_view(data, view, seed), splits, data_cfg, device=device, rank=rank,
+                                  world_size=size):
             x = batch["x"].contiguous(memory_format=torch.channels_last) if channels_last else batch["x"]
             out_logits, out_pooled, _ = teacher_outputs(teachers, x)
-            l1.append(out_logits[0].float()), l2.append(out_logits[1].float())
-            p1.append(out_pooled[0].float()), p2.append(out_pooled[1].float())
-        pooled1.append(torch.cat(p1))
-        pooled2.append(torch.cat(p2))
-        logits.append((torch.cat(l1), torch.cat(l2)))
-    return FeatureCache(torch.stack(pooled1), torch.stack(pooled2), logits, data.labels.to(device))
+            index = batch["index"].to(device)
+            pooled1[view, index], pooled2[view, index] = out_pooled[0].float(), out_pooled[1].float()
+            logits[view, 0, index], logits[view, 1, index] = out_logits[0].float(), out_logits[1].float()
+    pooled1, pooled2, logits = (sum_across_ranks(t) for t in (pooled1, pooled2, logits))
+    return FeatureCache(pooled1, pooled2, [(logits[v, 0], logits[v, 1]) for v in range(views)],
+                        data.labels.to(device))
 
 
-def cached_batches(cache: FeatureCache, batch_size: int, *, seed: int, epoch: int):
-    """Shuffled stage-A batches; each image's view is drawn per epoch (seeded)."""
+def cached_batches(cache: FeatureCache, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                   world_size: int = 1):
+    """Shuffled stage-A batches; each image's view is drawn per epoch (seeded). With ``world_size`` > 1,
+    rank ``rank``'s contiguous ``batch_size / world_size`` shard of every global batch."""
+    if batch_size % world_size:
+        raise ConfigError(f"stage_a.batch_size={batch_size} is not divisible by the {world_size} ranks")
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     n = len(cache.labels)
     order = torch.randperm(n, generator=generator)
     views = torch.randint(0, cache.teacher1.shape[0], (n,), generator=generator)
     device = cache.labels.device
+    shard = batch_size // world_size
     for start in range(0, n - batch_size + 1, batch_size):
-        index = order[start:start + batch_size].to(device)
-        view = views[start:start + batch_size].to(device)
+        start += rank * shard
+        index = order[start:start + shard].to(device)
+        view = views[start:start + shard].to(device)
         y = cache.labels[index]
         yield {"f1": cache.teacher1[view, index], "f2": cache.teacher2[view, index], "y_a": y, "y_b": y,
                "lam": torch.ones((), device=device)}
@@ -145,15 +161,18 @@ def train_stage_a(cfg: IBKDConfig, run: Run, stage: int, mbm_train: MBM, mbm_eva
     result = train_loop(
         cfg, run, state=init_state({"mbm": mbm_params}, {}, optimizer, ema=False), train_step=step, splits=splits,
         device=device, part="mbm", eval_fn=None, weight_meta={"arch": f"mbm-{cfg.mbm.kind}"},
-        batches=lambda epoch: cached_batches(caches["train"], batch_size, seed=cfg.seed * 1000 + stage, epoch=epoch),
+        batches=lambda epoch: cached_batches(caches["train"], batch_size, seed=cfg.seed * 1000 + stage, epoch=epoch,
+                                             rank=world().rank, world_size=world().size),
         steps=len(caches["train"].labels) // batch_size, epochs=a.epochs, tag=tag,
         validate=lambda params, _buffers: synergy_accuracy(mbm_eval, params, caches["val"]))
     best = load_best(run, tag, device)
     test = synergy_accuracy(mbm_eval, best, caches["test"])
     say(f"[stage {tag}] synergy val {result.best_val:.2f}%  test {test:.2f}% (best by val)")
-    save_checkpoint(run.path(f"mbm_stage{stage + 1}.safetensors"), {"params": {"mbm": best}},
-                    {"kind": "mbm", "arch": f"mbm-{cfg.mbm.kind}", "synergy_val_acc": result.best_val,
-                     "synergy_test_acc": test})
+    if world().main:
+        save_checkpoint(run.path(f"mbm_stage{stage + 1}.safetensors"), {"params": {"mbm": best}},
+                        {"kind": "mbm", "arch": f"mbm-{cfg.mbm.kind}", "synergy_val_acc": result.best_val,
+                         "synergy_test_acc": test, "config": to_dict(cfg)})
+    barrier()
     return best, {"synergy_val_acc": result.best_val, "synergy_test_acc": test}
 
 
@@ -170,11 +189,15 @@ def load_best(run: Run, tag: str, device: torch.device) -> T.Tree:
 def student_side(cfg: IBKDConfig, teachers: tuple[Net, Net], num_classes: int, device: torch.device
                  ) -> tuple[Net, nn.Module | None, tuple[nn.Module, nn.Module] | None, T.Tree, T.Tree]:
     student = build_net(cfg.student, num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+    if cfg.dist.sync_bn and world().size > 1:
+        convert_sync_bn(student.train_skeleton)
     shapes = feature_shapes(student.eval_skeleton)
     params, buffers = {"student": student.params}, {"student": student.buffers}
     projection = None
     if cfg.mbm.kind != "avg":
         projection = ProjectionHead(shapes["pooled"][1], cfg.mbm.z_dim).to(device).train()
+        if cfg.dist.sync_bn and world().size > 1:
+            convert_sync_bn(projection)
         params["projection"] = {n: p.detach() for n, p in projection.named_parameters()}
         buffers["projection"] = {n: b.detach() for n, b in projection.named_buffers()}
     adapters = None

@@ -26,6 +26,7 @@ from . import tree as T
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint, write_atomically
 from .config import RunConfig, to_dict
 from .data import Dataset, Splits, eval_batches, steps_per_epoch, train_batches
+from .distributed import barrier, sum_across_ranks, world
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError, writing
 from .step import accuracy_counts, read_metrics
 
@@ -38,6 +39,7 @@ class Run:
     Resuming, that first use also tidies the interrupted run: metric records logged after its latest
     checkpoint (they are logged again) and ``*.tmp`` files of an interrupted checkpoint write are removed.
     With ``--log.tensorboard True`` every numeric field of each record also goes to TensorBoard.
+    In a data-parallel job only rank 0 writes; the other ranks know the same directory and read from it.
     """
 
     def __init__(self, root: Path, config: dict[str, Any], *, resuming: bool = False, named: bool = False,
@@ -85,11 +87,19 @@ class Run:
         while root.exists() and not cfg.run_name:
             suffix += 1
             root = Path(cfg.out_dir) / f"{name}-{suffix}"
+        if world().size > 1:  # every rank uses rank 0's name (the clocks may straddle a second)
+            import torch.distributed as dist
+            shared = [str(root)]
+            dist.broadcast_object_list(shared, src=0)
+            root = Path(shared[0])
         return cls(root, {"recipe": recipe, **to_dict(cfg)}, named=bool(cfg.run_name),
                    tensorboard=cfg.log.tensorboard)
 
     def _use(self) -> None:
         if self._ready:
+            return
+        if not world().main:  # rank 0 creates and tidies the directory
+            self._ready = True
             return
         if self._resuming:
             self._tidy_interrupted()
@@ -156,6 +166,8 @@ class Run:
 
     def log(self, record: dict[str, Any]) -> None:
         self._use()
+        if not world().main:
+            return
         path = self.root / "metrics.jsonl"
         with writing(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -166,6 +178,8 @@ class Run:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._use()
+        if not world().main:
+            return
         write_atomically(self.root / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
 
     def path(self, name: str) -> Path:
@@ -223,7 +237,9 @@ def progress(iterable, *, total: int, desc: str, disable: bool):
 
 
 def say(msg: str) -> None:
-    print(msg, flush=True)
+    """Print (rank 0 only in a data-parallel job)."""
+    if world().main:
+        print(msg, flush=True)
 
 
 def all_finite(*trees: T.Tree) -> bool:
@@ -242,13 +258,14 @@ def last_good(path: Path) -> str:
 
 def evaluate_accuracy(eval_fn: Callable, params: T.Tree, buffers: T.Tree, data: Dataset, splits: Splits,
                       cfg: RunConfig, device: torch.device) -> float:
-    """Top-1 accuracy (%) of ``eval_fn(params, buffers, x) -> (logits, features)`` on ``data``."""
+    """Top-1 accuracy (%) of ``eval_fn(params, buffers, x) -> (logits, features)`` on ``data``; in a
+    data-parallel job each rank evaluates its shard and the counts are summed."""
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for batch in eval_batches(data, splits, cfg.data, device=device):
+    for batch in eval_batches(data, splits, cfg.data, device=device, rank=world().rank, world_size=world().size):
         x = batch["x"].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch["x"]
         logits, _ = eval_fn(params, buffers, x)
         correct += accuracy_counts(logits, batch["y_a"])
-    return 100.0 * float(correct) / max(1, len(data.labels))
+    return 100.0 * float(sum_across_ranks(correct)) / max(1, len(data.labels))
 
 
 @dataclass
@@ -297,7 +314,8 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
     weight_meta = {**weight_meta, "config": to_dict(cfg)}  # every checkpoint carries the resolved config
 
     def default_batches(epoch: int):
-        for batch in train_batches(splits, cfg.data, seed=cfg.seed, epoch=epoch, device=device):
+        for batch in train_batches(splits, cfg.data, seed=cfg.seed, epoch=epoch, device=device,
+                                   rank=world().rank, world_size=world().size):
             if cfg.channels_last:
                 batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
             yield batch
@@ -311,7 +329,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
         last: dict[str, float] = {}
         for i, batch in enumerate(bar):
             state, metrics = train_step(state, batch)
-            n_images += int(batch["y_a"].shape[0])
+            n_images += int(batch["y_a"].shape[0]) * world().size  # every rank's shard
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
                 last = read_metrics(metrics)
                 if not math.isfinite(last["loss"]):
@@ -353,11 +371,14 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
         save_train_state(run.path(f"{file_prefix}last.safetensors"), state, {
             **weight_meta, "epoch": epoch + 1, "best_val": best_val, "best_ema_val": best_ema_val,
             "train_seconds": train_seconds, "images_seen": images_seen, "tag": tag})
+        barrier()  # rank 0's checkpoints are complete before any rank reads them
     return LoopResult(state, best_val, best_ema_val, epochs, train_seconds, images_seen)
 
 
 def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, Any]) -> None:
-    """Every trainable part (student and its heads/regressors), without optimizer state."""
+    """Every trainable part (student and its heads/regressors), without optimizer state (rank 0 writes)."""
+    if not world().main:
+        return
     save_checkpoint(path, {"params": params, "buffers": buffers}, {"kind": "weights", **meta})
 
 
@@ -369,6 +390,8 @@ def load_weights(path: str | Path, *, expect: dict[str, Any], device: torch.devi
 
 
 def save_train_state(path: Path, state: T.Tree, meta: dict[str, Any]) -> None:
+    if not world().main:
+        return
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()

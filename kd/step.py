@@ -32,6 +32,7 @@ from torch.func import functional_call
 from kernels import reference as kernel_reference
 
 from . import tree as T
+from .distributed import mean_across_ranks, world
 from .optim import Optimizer
 
 Metrics = dict[str, Tensor]
@@ -201,6 +202,10 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tens
         grads, (_, (loss, new_buffers, metrics)) = value_and_grad(scaled_loss)(
             state["params"], state["buffers"], state["frozen"], batch, step, scale)
         with torch.no_grad():
+            if world().size > 1:  # data parallel: the mean over ranks = the gradient of the global batch
+                grads, new_buffers = mean_across_ranks(grads), mean_across_ranks(new_buffers)
+                metrics = mean_across_ranks(metrics)  # logged values are those of the global batch
+                loss = mean_across_ranks({"loss": loss})["loss"]
             return update(state, grads, loss, new_buffers, metrics, step, scale)
 
     def update(state, grads, loss, new_buffers, metrics, step, scale):

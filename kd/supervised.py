@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from . import tree as T
-from .config import ModelConfig, RunConfig, load_run_config, resolve_device, resolve_kernels, to_dict
+from .config import ModelConfig, RunConfig, load_run_config, resolve_device, setup, to_dict
+from .distributed import convert_sync_bn, world
 from .data import Splits, load_splits, steps_per_epoch
 from .errors import ConfigError
 from .modeling import Net, build_net
@@ -106,8 +107,7 @@ def _differences(saved: dict[str, Any], asked: dict[str, Any], prefix: str = "")
 def prepare(cfg: RunConfig, recipe: str) -> tuple[RunConfig, torch.device, Splits, Run]:
     """Resolve ``--resume``, the device, the data and the run directory."""
     cfg = resolve_resume(cfg)
-    device = resolve_device(cfg.device)
-    cfg = resolve_kernels(cfg, device)
+    cfg, device = setup(cfg)
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)
     return cfg, device, splits, run
@@ -118,6 +118,8 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
                   extras: Extras | None = None) -> dict[str, Any]:
     """Train ``net`` (state key ``part``) with ``loss_fn``; evaluate, checkpoint and summarise."""
     extras = extras or Extras()
+    if cfg.dist.sync_bn and world().size > 1:
+        convert_sync_bn(net.train_skeleton)
     say(f"run {run.root}  |  {splits.description}  |  {part} {model_cfg.arch}  |  device {device}")
     meta = net.meta(model_cfg, splits.name)
     spe = steps_per_epoch(splits, cfg.data)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ModelConfig, RunConfig, resolve_device, resolve_kernels, to_dict
+from .config import ModelConfig, RunConfig, setup, to_dict
+from .distributed import barrier, world
 from .data import DataConfig
 from .errors import CheckpointError
 from .modeling import Net, build_net
@@ -38,6 +39,24 @@ class TeacherConfig(RunConfig):
     """Global gradient-norm clipping threshold (0 = off)."""
     ema: bool = False
     """Also keep an EMA of the weights (reported, not written to --ckpt)."""
+
+
+@dataclass(frozen=True)
+class TwoTeachersConfig(RunConfig):
+    """A student and the two fine-tuned teachers of IB-KD and of the two-teacher baselines."""
+
+    student: ModelConfig = ModelConfig(arch="resnet8x4")
+    """The student network."""
+    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
+    """First teacher (weights from --teacher1-ckpt)."""
+    teacher1_ckpt: str = "checkpoints/resnet152_ft.safetensors"
+    """First teacher's fine-tuned weights; fine-tuned first when missing."""
+    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=True)
+    """Second teacher (weights from --teacher2-ckpt)."""
+    teacher2_ckpt: str = "checkpoints/efficientnet_b2_ft.safetensors"
+    """Second teacher's fine-tuned weights; fine-tuned first when missing."""
+    teacher_epochs: int = 30
+    """Fine-tuning epochs for a teacher whose checkpoint is missing."""
 
 
 # SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),
@@ -68,7 +87,9 @@ def fine_tune(cfg: TeacherConfig) -> dict:
     tree, meta = load_checkpoint(run_dir.path("best.safetensors"))
     meta = {k: v for k, v in meta.items() if k not in ("format", "code_version")}
     meta.update({"config": to_dict(cfg), "val_acc": summary["best_val_acc"], "test_acc": summary["best_test_acc"]})
-    save_checkpoint(ckpt, tree, meta)
+    if world().main:
+        save_checkpoint(ckpt, tree, meta)
+    barrier()
     say(f"teacher weights (best by validation: val {summary['best_val_acc']:.2f}%, test "
         f"{summary['best_test_acc']:.2f}%) written to {ckpt}")
     return summary
@@ -78,7 +99,8 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -
     """Fine-tune the teacher when its checkpoint is missing (as the original ``run_ibkd.sh`` did). The
     teacher sees the same dataset, split and seed as the student, so the validation images stay unseen
     by both; SPEC 5's defaults apply otherwise."""
-    resolve_kernels(cfg, resolve_device(cfg.device))  # a bad --kernels fails before any fine-tuning
+    setup(cfg)  # a bad --device/--kernels fails before any fine-tuning; joins a data-parallel job
+    barrier()  # every rank sees the same answer to "does the checkpoint exist?"
     if Path(ckpt).exists():
         return
     say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
@@ -93,7 +115,8 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -
     fine_tune(dataclasses.replace(
         base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
         device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
-        out_dir=cfg.out_dir, log_every=cfg.log_every, run_name="", resume=""))
+        out_dir=cfg.out_dir, log_every=cfg.log_every, log=cfg.log, dist=cfg.dist, kernels=cfg.kernels,
+        run_name="", resume=""))
 
 
 def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,

@@ -4,17 +4,34 @@
 #   bash kernels/bench_gpu.sh OUTDIR          # e.g. on an NVIDIA H200
 #   BENCH_ARGS="--dtypes fp32 --budget 0.2" bash kernels/bench_gpu.sh OUTDIR   # a shorter run
 #
+# Needs no network: torch and triton from the machine, the project's pure-Python dependencies from the
+# wheel folder .whl/ when they are missing (prepare it where a registry is reachable, see the README:
+#   pip download --only-binary :all: -d .whl tyro einops safetensors tqdm pytest).
+# Runs, in this order: the kernel tests, the compiled-step tests (Triton kernels inside the compiled
+# train step), the AOT register check, the kernel benchmark, and the distillation step benchmark
+# (IB-KD stage B and AT, batch 64 and 256: compiled+triton vs compiled+reference vs eager).
 # Writes into OUTDIR: env.txt (GPU, driver, versions), aot-check.log, pytest.log, bench.stderr.log,
-# bench.md and bench.csv (one row per measurement). Exits non-zero when a test or a correctness gate
-# fails; the benchmark still runs after failing tests so that both logs come back.
+# bench.md and bench.csv (one row per measurement), bench_distill.md/.csv and bench_distill.log.
+# Exits non-zero when a test or a correctness gate fails; later parts still run so every log comes back.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash kernels/bench_gpu.sh OUTDIR}
 mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.." || exit 2
 # The interpreter would replace the compiler: everything here must run the real kernels.
-unset TRITON_INTERPRET
+unset TRITON_INTERPRET KD_KERNELS
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+missing=$(python -c 'import importlib.util as u; print(" ".join(m for m in ("tyro", "einops", "safetensors", "tqdm", "pytest") if u.find_spec(m) is None))')
+if [ -n "$missing" ]; then
+  if [ -d .whl ]; then
+    # shellcheck disable=SC2086  # a list of package names
+    python -m pip install -q --no-index --find-links .whl $missing || echo "could not install $missing from .whl" >&2
+  else
+    echo "missing Python packages ($missing) and no .whl/ folder: see kernels/bench_gpu.sh's header" >&2
+  fi
+fi
 
 {
   date -u +"%Y-%m-%d %H:%M UTC"
@@ -39,12 +56,17 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" |
 python -m kernels aot-check --fail-on-spill --max-registers 128 2>&1 | tee "$OUTDIR/aot-check.log"
 aot_rc=${PIPESTATUS[0]}
 
-python -m pytest tests/test_kernels_at.py tests/test_kernels_ib.py -q -rs --durations=10 2>&1 | tee "$OUTDIR/pytest.log"
+python -m pytest tests/test_kernels_at.py tests/test_kernels_ib.py tests/test_compiled_kernels.py -q -rs \
+  --durations=10 -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest.log"
 tests_rc=${PIPESTATUS[0]}
 
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 python -m kernels.bench --out "$OUTDIR" ${BENCH_ARGS:-} 2> "$OUTDIR/bench.stderr.log"
 bench_rc=$?
 
-echo "aot-check rc=$aot_rc  tests rc=$tests_rc  bench rc=$bench_rc (non-zero bench rc: a correctness gate failed)" | tee -a "$OUTDIR/env.txt"
-[ "$aot_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+# shellcheck disable=SC2086  # STEP_BENCH_ARGS is a list of flags
+python launch.py recipes.bench_distill --out "$OUTDIR" ${STEP_BENCH_ARGS:-} 2>&1 | tee "$OUTDIR/bench_distill.log"
+step_rc=${PIPESTATUS[0]}
+
+echo "aot-check rc=$aot_rc  tests rc=$tests_rc  bench rc=$bench_rc  step bench rc=$step_rc (non-zero bench rc: a correctness gate failed)" | tee -a "$OUTDIR/env.txt"
+[ "$aot_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$step_rc" -eq 0 ]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from kd.config import ModelConfig, RunConfig
-from kd.data import DataConfig
+from kd.data import DataConfig, steps_per_epoch
 from kd.modeling import Net, build_net
 from kd.optim import OptimConfig
 from kd.step import AmpConfig, apply_model
@@ -66,17 +67,35 @@ def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen
 
 
 def run_single_teacher(cfg: DistillConfig, recipe: str, make_loss) -> dict:
-    """Shared driver of the single-teacher baselines. ``make_loss(cfg, student, teacher, device)`` returns
-    ``(loss_fn, head_params, head_buffers)`` (heads such as FitNet's regressor are trained and saved with
-    the student)."""
+    """Shared driver of the single-teacher baselines: :func:`run_distillation` with the one teacher
+    ``frozen["teacher"]``. ``make_loss(cfg, student, teacher, device)`` returns ``(loss_fn, head_params,
+    head_buffers)`` (heads such as FitNet's regressor are trained and saved with the student)."""
+    return run_distillation(cfg, recipe, lambda c: {"teacher": (c.teacher, c.teacher_ckpt)},
+                            lambda c, student, teachers, device, total_steps: make_loss(c, student, teachers["teacher"],
+                                                                                        device))
+
+
+# teachers(cfg) -> {"teacher1": (model, checkpoint), ...}: the names are the keys of ``frozen``.
+TeacherSpecs = Callable[[RunConfig], dict[str, tuple[ModelConfig, str]]]
+
+
+def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_loss) -> dict:
+    """The one driver of every distillation baseline: fine-tune missing teachers, load them frozen
+    (``frozen[name]``), train the student with ``make_loss(cfg, student, teachers: dict[str, Net], device,
+    total_steps) -> (loss_fn, head_params, head_buffers)`` through :func:`kd.supervised.train_network`.
+    The summary's ``method`` is ``recipe``."""
     cfg = resolve_resume(cfg)
-    ensure_teacher(cfg, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_epochs)
+    specs = teachers(cfg)
+    for model, ckpt in specs.values():
+        ensure_teacher(cfg, model, ckpt, cfg.teacher_epochs)
     cfg, device, splits, run_dir = prepare(cfg, recipe)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
+    nets = {name: load_teacher(model, ckpt, splits.num_classes, device, channels_last=cfg.channels_last)
+            for name, (model, ckpt) in specs.items()}
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
-    loss_fn, head_params, head_buffers = make_loss(cfg, student, teacher, device)
+    total_steps = steps_per_epoch(splits, cfg.data) * cfg.epochs
+    loss_fn, head_params, head_buffers = make_loss(cfg, student, nets, device, total_steps)
     extras = Extras(params=head_params, buffers=head_buffers,
-                    frozen={"teacher": {"params": teacher.params, "buffers": teacher.buffers}},
-                    summary={"method": recipe, "teachers": [cfg.teacher.arch]})
+                    frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in nets.items()},
+                    summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]})
     return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student", loss_fn=loss_fn,
                          grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, extras=extras)

@@ -13,8 +13,7 @@ from kd.losses import linear_warmup, mixed_dkd_terms
 from kd.step import mixed_cross_entropy
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair
-from ._multi import run_distillation
+from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_distillation
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from kd.config import ModelConfig
-from kd.data import DataConfig
 from kd.ibkd import StageAConfig
 from kd.run import say
 

@@ -138,3 +138,22 @@ def test_compiled_triton_step_equals_compiled_reference(name, data):
 def at_stage_pairs():
     from recipes import at
     return at.CONFIG.stages
+
+
+def test_step_benchmark_writes_its_table(tmp_path):
+    """recipes.bench_distill runs every asked provider and writes one row each (tiny shapes, eager here;
+    the compiled providers are the ones the GPU script times)."""
+    from recipes import bench_distill
+
+    cfg = bench_distill.BenchDistillConfig(
+        batch_sizes=(4,), providers=("eager+reference", "eager+triton"), student=ModelConfig(arch="resnet8"),
+        teacher1=ModelConfig(arch="resnet8"), teacher2=ModelConfig(arch="wrn_16_1"), num_classes=10, z_dim=16,
+        steps=1, warmup=1, rounds=1, device=str(DEVICE), out=str(tmp_path))
+    before = kernels.LAUNCHES.copy()
+    rows = bench_distill.run(cfg)
+    assert [(r["method"], r["provider"]) for r in rows] == [
+        (m, p) for m in ("ibkd_stage_b", "at") for p in ("eager+reference", "eager+triton")]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert (kernels.LAUNCHES - before)["ib_student_loss_forward"] == 2  # warm-up + timed step, triton only
+    assert (tmp_path / "bench_distill.csv").read_text().count("\n") == 5
+    assert "| at | 4 | eager+triton |" in (tmp_path / "bench_distill.md").read_text()

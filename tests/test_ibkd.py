@@ -1,6 +1,5 @@
 """IB-KD and baseline loss terms against hand-written formulas, gradients, determinism, the stage-A cache."""
 
-import copy
 import math
 
 import pytest
@@ -14,10 +13,9 @@ from kd.config import ModelConfig
 from kd.data import DataConfig, load_splits
 from kd.ibkd import StageBConfig, StageBParts, stage_a_loss, stage_b_loss
 from kd.ibkd_run import augmented_view, build_cache, cached_batches, stage_boundaries, teacher_outputs
-from kd.losses import clip_threshold, feature_alignment, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
+from kd.losses import clip_threshold, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
 from kd.mbm import MBM, MBMConfig, ProjectionHead
 from kd.modeling import build_net
-from kd.step import mixed_cross_entropy
 
 
 def test_hinton_kd_hand_computed():
