@@ -146,3 +146,26 @@ def test_ibkd_on_two_ranks(tmp_path):
     steps = [r["step"] for r in records(run_dir, "step") if r["stage"] == ""]
     assert steps == sorted(set(steps))  # rank 0 alone logs: each step once
     assert (run_dir / "mbm_stage1.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_folder_dataset_on_two_ranks_equals_one_process(tmp_path):
+    """ImageFolder data decoded per rank (each image's augmentation seeded by its place in the global
+    batch), sync-bn: the 2-rank run ends where the 1-rank run ends (no mixing: folder data mixes within
+    a rank's shard)."""
+    from tests.test_folder_data import TEST_PER_CLASS, TRAIN_PER_CLASS, write_images
+
+    write_images(tmp_path / "data" / "train", TRAIN_PER_CLASS, ".png", seed=0)
+    write_images(tmp_path / "data" / "test", TEST_PER_CLASS, ".jpg", seed=1)
+    args = ["recipes.ce", "--data.name", "folder", "--data.root", str(tmp_path / "data"), "--data.image-size", "32",
+            "--data.workers", "0", "--data.val-size", "6", "--data.batch-size", "6", "--data.eval-batch-size", "4",
+            "--data.mixup-alpha", "0", "--data.cutmix-alpha", "0", "--epochs", "2", "--compile", "False",
+            "--student.arch", "resnet8", "--device", "cpu", "--disable-tqdm", "True", "--log-every", "1",
+            "--dist.sync-bn", "True", "--out-dir", "runs"]
+    launch(1, *args, "--run-name", "one", cwd=tmp_path)
+    launch(2, *args, "--run-name", "two", cwd=tmp_path)
+    one, two = state_of(tmp_path / "runs" / "one"), state_of(tmp_path / "runs" / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
+    summaries = [json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("one", "two")]
+    assert summaries[0]["best_test_acc"] == summaries[1]["best_test_acc"]
