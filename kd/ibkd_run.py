@@ -226,7 +226,7 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         f"student {cfg.student.arch}  |  device {device}  |  kernels {cfg.kernels}")
     t0 = time.perf_counter()
     k = splits.num_classes
-    teachers = tuple(load_teacher(m, c, k, device, channels_last=cfg.channels_last)
+    teachers = tuple(load_teacher(m, c, k, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_teacher_bn)
                      for m, c in ((cfg.teacher1, cfg.teacher1_ckpt), (cfg.teacher2, cfg.teacher2_ckpt)))
     caches = {split: build_cache(teachers, data, splits, cfg.data, seed=cfg.seed, device=device,
                                  views=cfg.stage_a.cache_views if split == "train" else 1,

@@ -301,3 +301,33 @@ def test_functional_forward_traces_as_one_graph():
     images = _images(arch)
     with torch.no_grad():
         _assert_outputs_equal(compiled(params, buffers, images), model(images))
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "mobilenet_v2"])
+def test_folded_teacher_equals_the_teacher(arch):
+    """kd.teachers.fold_batchnorm: the same eval forward (logits and every feature) with BatchNorm statistics
+    far from the identity, and fewer BatchNorm modules left (all of them where each follows a conv)."""
+    from kd.config import ModelConfig
+    from kd.modeling import build_net
+    from kd.teachers import fold_batchnorm
+
+    net = build_net(ModelConfig(arch=arch), 10, torch.device("cpu"), seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name, buffer in net.buffers.items():
+        if name.endswith("running_mean"):
+            buffer.copy_(torch.rand(buffer.shape, generator=g) - 0.5)
+        elif name.endswith("running_var"):
+            buffer.copy_(torch.rand(buffer.shape, generator=g) * 1.5 + 0.5)
+    folded = fold_batchnorm(net)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        want = torch.func.functional_call(net.eval_skeleton, (net.params, net.buffers), (x,))
+        got = torch.func.functional_call(folded.eval_skeleton, (folded.params, folded.buffers), (x,))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for key in want[1]:
+        torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-4, atol=1e-5, msg=key)
+    count = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert count(folded.eval_skeleton) < count(net.eval_skeleton)
+    if arch == "resnet8":
+        assert count(folded.eval_skeleton) == 0
