@@ -34,7 +34,8 @@ class ModelConfig:
     pretrained: bool = False
     """Start from torchvision's ImageNet weights (needs them downloaded or in torch's hub cache)."""
     small_input: bool = True
-    """Adapt the stem to 32x32 inputs (ResNet: 3x3 stride-1 conv1, no maxpool; EfficientNet: stride-1 stem)."""
+    """Adapt the stem to 32x32 inputs (ResNet: 3x3 stride-1 conv1, no maxpool; EfficientNet: stride-1 stem).
+    Follows the data: images larger than 64 px (--data.image-size) always keep the ImageNet stem."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,22 @@ def resolve_kernels(cfg: Any, device: torch.device) -> Any:
     return cfg if choice == cfg.kernels else dataclasses.replace(cfg, kernels=choice)
 
 
+SMALL_INPUT_MAX = 64  # images up to this size get the small-input stems
+
+
+def fit_models_to_images(cfg: Any) -> Any:
+    """``cfg`` with every model's ``small_input`` off when the images are larger than SMALL_INPUT_MAX."""
+    if cfg.data.image_size <= SMALL_INPUT_MAX:
+        return cfg
+    changes = {f.name: dataclasses.replace(getattr(cfg, f.name), small_input=False) for f in dataclasses.fields(cfg)
+               if isinstance(getattr(cfg, f.name), ModelConfig) and getattr(cfg, f.name).small_input}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def setup(cfg: Any) -> tuple[Any, torch.device]:
-    """Before any work: the device, the final kernels choice, and (under torchrun) joining the process group."""
+    """Before any work: the models' stems for the image size, the device, the final kernels choice, and
+    (under torchrun) joining the process group."""
+    cfg = fit_models_to_images(cfg)
     device = resolve_device(cfg.device)
     cfg = resolve_kernels(cfg, device)
     if device.type == "cuda" and device.index is not None:

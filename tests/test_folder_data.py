@@ -314,3 +314,15 @@ def test_cli_trains_and_evaluates_on_a_folder(folder, tmp_path):
         assert 0.0 <= summary[key] <= 100.0, key
     steps = [json.loads(line) for line in (out / "folder" / "metrics.jsonl").read_text().splitlines()]
     assert sum(record["kind"] == "step" for record in steps) == 3
+
+
+def test_models_keep_imagenet_stems_for_large_images():
+    """kd.config.setup: every model of a run on images larger than 64 px keeps the ImageNet stem."""
+    from kd.config import setup
+    from kd.ibkd import IBKDConfig
+
+    small = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=64), device="cpu")
+    large = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=96), device="cpu")
+    assert all(m.small_input for m in (setup(small)[0].student, setup(small)[0].teacher1))
+    fitted = setup(large)[0]
+    assert not any(m.small_input for m in (fitted.student, fitted.teacher1, fitted.teacher2))
