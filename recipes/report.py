@@ -85,7 +85,7 @@ def _fmt(value) -> str:
 
 # One group = the runs of one method with one student, teachers and budget: the seeds of a comparison.
 GROUP_KEY = ("method", "teachers", "student", "epochs")
-SUMMARY_METRICS = ("val_acc_best", "test_acc_best", "test_acc_last", "test_acc_ema_best")
+SUMMARY_METRICS = ("val_acc_best", "test_acc_best", "test_acc_last", "test_acc_ema_best", "images_per_second")
 SUMMARY_COLUMNS = [*GROUP_KEY, "runs", *(f"{m}_{stat}" for m in SUMMARY_METRICS for stat in ("mean", "std"))]
 
 
@@ -124,7 +124,7 @@ def _mean_pm_std(m: float | None, s: float | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     per_method = summary_rows(rows)
-    lines = ["Per method: mean ± sample std (n - 1) over seeds, accuracies in %.", "",
+    lines = ["Per method: mean ± sample std (n - 1) over seeds; accuracies in %, training images/s.", "",
              "| method | teachers | student | epochs | runs | " + " | ".join(SUMMARY_METRICS) + " |",
              "|" + "---|" * (5 + len(SUMMARY_METRICS))]
     for r in per_method:
