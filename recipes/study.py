@@ -92,10 +92,9 @@ def run_once(cfg: StudyConfig, method: str, method_cfg: Any, name: str) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     say(f"\n=== {name} ===")
     module = ibkd if method in compare.ABLATIONS else compare.METHODS[method]
-    if run_dir.is_dir():  # interrupted: continue it exactly
+    method_cfg = dataclasses.replace(method_cfg, run_name=name)
+    if run_dir.is_dir():  # interrupted: continue it exactly (its saved config is this config)
         method_cfg = dataclasses.replace(method_cfg, resume=str(run_dir))
-    else:
-        method_cfg = dataclasses.replace(method_cfg, run_name=name)
     return module.run(method_cfg, recipe=method)
 
 

@@ -164,3 +164,23 @@ def test_wrong_teacher_checkpoint_is_one_clear_line(workdir):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "arch=resnet8" in lines[0] and "arch=resnet20" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(workdir):
+    out, reports = workdir / "runs_study", workdir / "reports_study"
+    args = ["recipes.study", *TINY, *IBKD_TINY, "--methods", "ce", "kd", "ibkd_avg", "--trials", "2",
+            "--seeds", "0", "1", "--single-teacher", "teacher1", "--out-dir", str(out), "--report-dir", str(reports)]
+    launch(*args, cwd=workdir)
+    names = sorted(d.name for d in out.iterdir())
+    search = (reports / "study_search.md").read_text()
+    # kd searched 2 entries on seed 0 and the chosen one ran seed 1; the ablation used IB-KD's chosen entry
+    kd_rows = [line for line in search.splitlines() if line.startswith("| kd |")]
+    assert len(kd_rows) == 2 and sum(line.rstrip().endswith("| yes |") for line in kd_rows) == 1
+    chosen = next(line.split("|")[2].strip() for line in kd_rows if line.rstrip().endswith("| yes |"))
+    vals = {line.split("|")[2].strip(): float(line.split("|")[4]) for line in kd_rows}
+    assert vals[chosen] == max(vals.values())  # chosen on validation accuracy
+    assert {"ce-t0-s0", "ce-t0-s1", "kd-t0-s0", "kd-t1-s0", f"kd-t{chosen}-s1", "ibkd-t0-s0", "ibkd-t1-s0"} <= set(names)
+    assert any(n.startswith("ibkd_avg-") and n.endswith("-s1") for n in names)
+    assert (reports / "study.md").is_file()
+    launch(*args, cwd=workdir)  # everything finished: reused, nothing new
+    assert sorted(d.name for d in out.iterdir()) == names
