@@ -184,3 +184,13 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
     assert (reports / "study.md").is_file()
     launch(*args, cwd=workdir)  # everything finished: reused, nothing new
     assert sorted(d.name for d in out.iterdir()) == names
+
+
+def test_inspect_synergy_on_an_ibkd_run(workdir):
+    out = workdir / "runs_ibkd"
+    if not out.is_dir():
+        pytest.skip("needs the IB-KD run of test_recipe_cli_smoke_and_golden_losses[ibkd] (same module)")
+    proc = launch("recipes.inspect_synergy", str(only_run(out, "ibkd")), "--batches", "2", cwd=workdir)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| clean validation |")
+            or line.startswith("| stage-B training batches |")]
+    assert len(rows) == 4 and all("%" in row for row in rows)
