@@ -38,8 +38,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "at": [{}, {"beta": 100.0}, {"beta": 10.0}, {"beta": 300.0}],
     "fitnet": [{}, {"alpha_hint": 10.0}, {"alpha_hint": 1.0}, {"alpha_hint": 100.0}],
     "ibkd": [
-        {},
-        {"stage_b.latent_norm": "sqrt", "stage_b.latent_alpha": 1.0},
+        {},  # since the 2026-11-29 study: latent_norm sqrt, latent_alpha 1.0 (the search's choice)
+        {"stage_b.latent_norm": "dim", "stage_b.latent_alpha": 0.8},  # SPEC 6's values
         {"stage_b.kd_alpha_init": 0.5, "stage_b.kd_alpha_final": 0.9, "stage_b.kd_temperature_init": 4.0,
          "stage_b.kd_temperature_final": 4.0},
         {"mbm.kind": "vib", "stage_b.gamma": 1.0},

@@ -204,7 +204,7 @@ def test_stage_b_loss_is_the_weighted_sum(tiny_setup):
     loss, (new_buffers, m) = loss_fn(params, buffers, frozen, batch, step)
     r = 80 / 99
     p = (r - 0.03) / 0.97
-    alpha_kd, lam_lat = 0.3 + 0.3 * p, 0.8 * (r - 0.3) / 0.7
+    alpha_kd, lam_lat = 0.3 + 0.3 * p, 1.0 * (r - 0.3) / 0.7  # latent_alpha 1.0
     assert float(m["alpha_kd"]) == pytest.approx(alpha_kd, rel=1e-5)
     assert float(m["temperature"]) == pytest.approx(6 - 3.5 * p, rel=1e-5)
     want = float(m["ce"]) + alpha_kd * float(m["kd"]) + lam_lat * float(m["latent"])
