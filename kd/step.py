@@ -203,9 +203,9 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, lr_fn: Callable[[Tens
             state["params"], state["buffers"], state["frozen"], batch, step, scale)
         with torch.no_grad():
             if world().size > 1:  # data parallel: the mean over ranks = the gradient of the global batch
-                grads, new_buffers = mean_across_ranks(grads), mean_across_ranks(new_buffers)
-                metrics = mean_across_ranks(metrics)  # logged values are those of the global batch
-                loss = mean_across_ranks({"loss": loss})["loss"]
+                # one all-reduce for all of it; the logged values are those of the global batch too
+                mean = mean_across_ranks({"grads": grads, "buffers": new_buffers, "metrics": metrics, "loss": loss})
+                grads, new_buffers, metrics, loss = mean["grads"], mean["buffers"], mean["metrics"], mean["loss"]
             return update(state, grads, loss, new_buffers, metrics, step, scale)
 
     def update(state, grads, loss, new_buffers, metrics, step, scale):
