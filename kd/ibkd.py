@@ -83,6 +83,11 @@ class StageBConfig:
     """Weight of the optional feature term (learned 1x1 adapters, per-channel L2-normalised MSE)."""
     feature_stage: str = "stage4"
     """Student and teacher stage matched by the feature term."""
+    synergy_scale: Literal["none", "teachers"] = "none"
+    """'teachers': after stage A the synergy logits are divided by one constant, fitted without labels on
+    the training images, so that their mean per-sample standard deviation equals that of the teachers'
+    average logits: the MBM keeps its ranking of the classes but gets the teachers' softness. 'none': the
+    MBM's logits as they are (SPEC 6)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,17 @@ class IBKDConfig(TwoTeachersConfig):
             raise ValueError(f"num_stages must be in [1, epochs], got {self.num_stages}")
         if self.stage_a.cache_views < 1:
             raise ValueError(f"stage_a.cache_views must be >= 1, got {self.stage_a.cache_views}")
+
+
+def logit_spread(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the per-sample standard deviation of the logits (how sharp they are)."""
+    return logits.float().std(dim=1).mean()
+
+
+def synergy_scale_factor(synergy_logits: torch.Tensor, teacher_logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The constant that gives the synergy logits the spread of the teachers' average logits (no labels)."""
+    average = (teacher_logits[0].float() + teacher_logits[1].float()) / 2
+    return logit_spread(synergy_logits) / logit_spread(average).clamp_min(1e-12)
 
 
 def latent_scale(norm: str, z_dim: int) -> float:
@@ -175,6 +191,8 @@ def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backen
                 synergy = {"logits": (teacher_logits[0].float() + teacher_logits[1].float()) / 2}
             else:
                 synergy, _ = call_stateless(parts.mbm_eval, frozen["mbm"], {}, *teacher_pooled, train=False)
+                if "synergy_scale" in frozen:  # stage_b.synergy_scale "teachers"
+                    synergy = {**synergy, "logits": synergy["logits"].float() / frozen["synergy_scale"]}
 
         logits, feats, student_buffers = apply_model(parts.student.train_skeleton, params["student"],
                                                      buffers["student"], x, train=True)

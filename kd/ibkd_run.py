@@ -17,7 +17,7 @@ from .config import to_dict
 from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches, steps_per_epoch
 from .distributed import barrier, convert_sync_bn, sum_across_ranks, world
 from .errors import ConfigError
-from .ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss
+from .ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss, synergy_scale_factor
 from .mbm import MBM, ProjectionHead
 from .modeling import Net, build_net
 from .models import feature_shapes
@@ -120,13 +120,19 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).sum()) / max(1, len(labels))
 
 
+def synergy_logits(mbm_eval: MBM, params: T.Tree, cache: FeatureCache) -> Tensor:
+    """The MBM's synergy logits (eval mode) on view 0 of a cache."""
+    with torch.no_grad():
+        return call_stateless(mbm_eval, params, {}, *cache.pooled[0], train=False)[0]["logits"]
+
+
 def synergy_accuracy(mbm_eval: MBM | None, params: T.Tree, cache: FeatureCache) -> float:
     """Accuracy of the synergy logits (the MBM in eval mode, or the teachers' average) on view 0."""
     with torch.no_grad():
         if mbm_eval is None:
             logits = (cache.logits[0][0] + cache.logits[0][1]) / 2
         else:
-            logits = call_stateless(mbm_eval, params, {}, *cache.pooled[0], train=False)[0]["logits"]
+            logits = synergy_logits(mbm_eval, params, cache)
     return accuracy(logits, cache.labels)
 
 
@@ -253,6 +259,9 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     student, projection, adapters, params, buffers = student_side(cfg, teachers, k, device)
     frozen = {"teacher1": {"params": teachers[0].params, "buffers": teachers[0].buffers},
               "teacher2": {"params": teachers[1].params, "buffers": teachers[1].buffers}, "mbm": mbm_params}
+    scale_synergy = mbm_train is not None and cfg.stage_b.synergy_scale == "teachers"
+    if scale_synergy:  # set after each stage A; a resumed run restores it with the frozen MBM
+        frozen["synergy_scale"] = torch.ones((), device=device)
 
     spe = steps_per_epoch(splits, cfg.data)
     total_steps = spe * cfg.epochs
@@ -278,11 +287,18 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
                 mbm_params, synergy = train_stage_a(cfg, run, stage, mbm_train, mbm_eval, state["frozen"]["mbm"],
                                                     caches, splits, device)
                 state = {**state, "frozen": {**state["frozen"], "mbm": mbm_params}}
+                if scale_synergy:
+                    scale = synergy_scale_factor(synergy_logits(mbm_eval, mbm_params, caches["train"]),
+                                                 caches["train"].logits[0])
+                    state["frozen"]["synergy_scale"] = scale.to(device)
+                    say(f"[stage A{stage + 1}] synergy logits divided by {float(scale):.3f} (teachers' spread)")
             else:  # finished before an interruption: its MBM is inside the restored state, its numbers on disk
                 saved = read_metadata(run.path(f"mbm_stage{stage + 1}.safetensors"))
                 synergy = {key: float(saved[key]) for key in ("synergy_val_acc", "synergy_test_acc")}
         else:
             synergy = {f"synergy_{split}_acc": synergy_accuracy(None, {}, caches[split]) for split in ("val", "test")}
+        if scale_synergy:
+            synergy = {**synergy, "synergy_scale": float(state["frozen"]["synergy_scale"])}
         summary.update({f"stage{stage + 1}_{key}": value for key, value in synergy.items()}, **synergy)
         if info["epoch"] >= end:
             continue

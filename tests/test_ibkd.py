@@ -11,7 +11,7 @@ import kernels
 from kd import tree as T
 from kd.config import ModelConfig
 from kd.data import DataConfig, load_splits
-from kd.ibkd import StageBConfig, StageBParts, stage_a_loss, stage_b_loss
+from kd.ibkd import StageBConfig, StageBParts, logit_spread, stage_a_loss, stage_b_loss, synergy_scale_factor
 from kd.ibkd_run import augmented_view, build_cache, cached_batches, stage_boundaries, teacher_outputs
 from kd.losses import clip_threshold, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
 from kd.mbm import MBM, MBMConfig, ProjectionHead
@@ -160,6 +160,41 @@ def test_stage_a_cached_features_equal_recomputed(tiny_setup):
     recomputed_loss = loss_fn(params, {}, {}, recomputed, torch.tensor(0))[0]
     assert float(cached_loss) == pytest.approx(float(recomputed_loss), rel=1e-5)
     assert views.unique().numel() == 2  # both views are used
+
+
+def test_synergy_scale_factor_gives_the_teachers_spread():
+    torch.manual_seed(0)
+    t1, t2 = torch.randn(50, 10), 3 * torch.randn(50, 10)
+    synergy = 7 * torch.randn(50, 10) + 2  # a per-sample shift does not change the spread
+    s = synergy_scale_factor(synergy, (t1, t2))
+    assert float(logit_spread(synergy / s)) == pytest.approx(float(logit_spread((t1 + t2) / 2)), rel=1e-5)
+    hand = synergy.std(1).mean() / ((t1 + t2) / 2).std(1).mean()
+    assert float(s) == pytest.approx(float(hand), rel=1e-6)
+
+
+def test_stage_b_divides_the_synergy_logits_by_the_frozen_scale(tiny_setup):
+    """With ``frozen["synergy_scale"]`` the KD term is the KL to the MBM's logits divided by it (the latent and
+    CE terms unchanged); without the key, the MBM's logits as they are."""
+    loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0)
+    step = torch.tensor(50)
+    _, (_, plain) = loss_fn(params, buffers, frozen, batch, step)
+    _, (_, scaled) = loss_fn(params, buffers, {**frozen, "synergy_scale": torch.tensor(2.5)}, batch, step)
+    assert float(scaled["ce"]) == pytest.approx(float(plain["ce"]), rel=1e-6)
+    assert float(scaled["latent"]) == pytest.approx(float(plain["latent"]), rel=1e-6)
+    assert abs(float(scaled["kd"]) - float(plain["kd"])) > 1e-4
+    # the KD term by hand from the scaled synergy logits
+    from kd.step import apply_model, call_stateless
+    from kernels.reference import distillation_kl
+    data_cfg, splits, device, teachers = tiny_setup
+    with torch.no_grad():
+        pooled = [apply_model(t.eval_skeleton, t.params, t.buffers, batch["x"], train=False)[1]["pooled"] for t in teachers]
+        mbm = MBM(MBMConfig(z_dim=8), (64, 64), splits.num_classes).eval()
+        synergy = call_stateless(mbm, frozen["mbm"], {}, *pooled, train=False)[0]["logits"] / 2.5
+        student = build_net(ModelConfig(arch="resnet8"), splits.num_classes, device, seed=3)
+        logits = apply_model(student.train_skeleton, params["student"], buffers["student"], batch["x"], train=True)[0]
+    temperature = float(scaled["temperature"])
+    want = distillation_kl(logits, F.log_softmax(synergy / temperature, dim=1), temperature)
+    assert float(scaled["kd"]) == pytest.approx(float(want), rel=1e-4)
 
 
 def _stage_b(tiny_setup, gamma):
