@@ -57,6 +57,9 @@ class StudyConfig(compare.CompareConfig):
     """Seeds of the final runs at the chosen settings (seed 0 is the search run)."""
     report_name: str = "study"
     """Base name of the report files."""
+    fixed: tuple[str, ...] = ()
+    """'method=trial' pairs: run that grid entry without searching, e.g. ``kd=1`` when an earlier search
+    (at a shorter budget, its search table being the evidence) chose it. Methods not named are searched."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +67,17 @@ class StudyConfig(compare.CompareConfig):
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if 0 not in self.seeds:
             raise ValueError("seeds must include 0 (the search seed)")
+        self.fixed_trials()  # validates
+
+    def fixed_trials(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in self.fixed:
+            method, sep, trial = item.partition("=")
+            if not sep or method not in GRIDS or not trial.isdigit() or int(trial) >= len(GRIDS[method]):
+                raise ValueError(f"--fixed {item!r}: expected method=trial with a method of {sorted(GRIDS)} and "
+                                 f"a trial index of its grid")
+            out[method] = int(trial)
+        return out
 
 
 CONFIG = StudyConfig(**{f.name: getattr(compare.CONFIG, f.name) for f in dataclasses.fields(compare.CompareConfig)
@@ -115,8 +129,13 @@ def run(cfg: StudyConfig) -> list[dict]:
     single = compare.pick_single_teacher(cfg) if needs_single else None
     final_dirs, selection = [], []
     chosen: dict[str, tuple[int, Any]] = {}
+    fixed = cfg.fixed_trials()
     for method in [m for m in cfg.methods if m not in compare.ABLATIONS]:
-        trial, method_cfg, scores = chosen_trial(cfg, method, single)
+        if method in fixed:
+            trial, scores = fixed[method], []
+            method_cfg = with_overrides(compare.method_config(cfg, method, 0, single), GRIDS[method][trial])
+        else:
+            trial, method_cfg, scores = chosen_trial(cfg, method, single)
         chosen[method] = (trial, method_cfg)
         selection.append((method, scores, trial))
         for seed in cfg.seeds:
@@ -140,6 +159,9 @@ def write_selection(cfg: StudyConfig, selection: list[tuple[str, list[tuple[int,
     """The search table: every trial's overrides and best validation accuracy, the chosen one marked."""
     lines = ["| method | trial | overrides | best val acc (%, seed 0) | chosen |", "|---|---|---|---|---|"]
     for method, scores, best in selection:
+        if not scores:
+            overrides = ", ".join(f"{k}={v}" for k, v in GRIDS[method][best].items()) or "(defaults)"
+            lines.append(f"| {method} | {best} | {overrides} | (fixed: --fixed {method}={best}) | yes |")
         for trial, val in scores:
             overrides = ", ".join(f"{k}={v}" for k, v in GRIDS[method][trial].items()) or "(defaults)"
             lines.append(f"| {method} | {trial} | {overrides} | {val:.2f} | {'yes' if trial == best else ''} |")

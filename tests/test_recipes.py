@@ -184,6 +184,16 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
     assert (reports / "study.md").is_file()
     launch(*args, cwd=workdir)  # everything finished: reused, nothing new
     assert sorted(d.name for d in out.iterdir()) == names
+    # --fixed: the other kd entry without a search: its seed-0 run is reused, only its seed 1 is new
+    other = "1" if chosen == "0" else "0"
+    fixed = ["recipes.study", *TINY, *IBKD_TINY, "--methods", "kd", "--fixed", f"kd={other}", "--seeds", "0", "1",
+             "--single-teacher", "teacher1", "--out-dir", str(out), "--report-dir", str(reports), "--report-name", "fx"]
+    launch(*fixed, cwd=workdir)
+    assert sorted(d.name for d in out.iterdir()) == sorted([*names, f"kd-t{other}-s1"])
+    rows = [line for line in (reports / "fx_search.md").read_text().splitlines() if line.startswith("| kd |")]
+    assert len(rows) == 1 and f"--fixed kd={other}" in rows[0]
+    bad = launch(*fixed[:-4], "--fixed", "kd=9", cwd=workdir, check=False)
+    assert bad.returncode != 0 and "--fixed 'kd=9'" in bad.stdout + bad.stderr
 
 
 def test_inspect_synergy_on_an_ibkd_run(workdir):
