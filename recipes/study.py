@@ -38,10 +38,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "at": [{}, {"beta": 100.0}, {"beta": 10.0}, {"beta": 300.0}],
     "fitnet": [{}, {"alpha_hint": 10.0}, {"alpha_hint": 1.0}, {"alpha_hint": 100.0}],
     "ibkd": [
-        {},  # since the 2026-11-29 study: latent_norm sqrt, latent_alpha 1.0 (the search's choice)
-        {"stage_b.latent_norm": "dim", "stage_b.latent_alpha": 0.8},  # SPEC 6's values
-        {"stage_b.kd_alpha_init": 0.5, "stage_b.kd_alpha_final": 0.9, "stage_b.kd_temperature_init": 4.0,
-         "stage_b.kd_temperature_final": 4.0},
+        # defaults (validation's picks: latent sqrt / 1.0; synergy scaled to the teachers' spread; CE 0.5 +
+        # KD 0.5 at T 4, no clipping)
+        {},
+        {"stage_b.latent_norm": "dim", "stage_b.latent_alpha": 0.8},  # SPEC 6's latent term
+        # SPEC 6's KD weight and temperature schedule (CE 1, KD 0.3 -> 0.6, T 6 -> 2.5, clipping 1 -> 0)
+        {"stage_b.ce_alpha": 1.0, "stage_b.kd_alpha_init": 0.3, "stage_b.kd_alpha_final": 0.6,
+         "stage_b.kd_temperature_init": 6.0, "stage_b.kd_temperature_final": 2.5, "grad_clip_norm_init": 1.0},
         {"mbm.kind": "vib", "stage_b.gamma": 1.0},
     ],
 }

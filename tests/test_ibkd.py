@@ -197,7 +197,11 @@ def test_stage_b_divides_the_synergy_logits_by_the_frozen_scale(tiny_setup):
     assert float(scaled["kd"]) == pytest.approx(float(want), rel=1e-4)
 
 
-def _stage_b(tiny_setup, gamma):
+SPEC_SCHEDULE = dict(ce_alpha=1.0, kd_alpha_init=0.3, kd_alpha_final=0.6, kd_temperature_init=6.0,
+                     kd_temperature_final=2.5)
+
+
+def _stage_b(tiny_setup, gamma, **stage_b):
     data_cfg, splits, device, teachers = tiny_setup
     torch.manual_seed(0)
     student = build_net(ModelConfig(arch="resnet8"), splits.num_classes, device, seed=3)
@@ -211,7 +215,7 @@ def _stage_b(tiny_setup, gamma):
     frozen = {"teacher1": {"params": teachers[0].params, "buffers": teachers[0].buffers},
               "teacher2": {"params": teachers[1].params, "buffers": teachers[1].buffers},
               "mbm": dict(mbm.named_parameters())}
-    loss_fn = stage_b_loss(parts, StageBConfig(gamma=gamma), total_steps=100)
+    loss_fn = stage_b_loss(parts, StageBConfig(gamma=gamma, **stage_b), total_steps=100)
     from kd.data import train_batches
     batch = next(train_batches(splits, data_cfg, seed=0, epoch=0))
     return loss_fn, params, buffers, frozen, batch
@@ -234,7 +238,8 @@ def test_feature_term_gradient_reaches_student(tiny_setup):
 
 
 def test_stage_b_loss_is_the_weighted_sum(tiny_setup):
-    loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0)
+    """SPEC 6's ramps (CE 1, KD 0.3 -> 0.6, T 6 -> 2.5) given explicitly; the defaults' constant ones below."""
+    loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0, **SPEC_SCHEDULE)
     step = torch.tensor(80)  # r = 80/99: KD ramp and latent weight both active
     loss, (new_buffers, m) = loss_fn(params, buffers, frozen, batch, step)
     r = 80 / 99
@@ -245,3 +250,18 @@ def test_stage_b_loss_is_the_weighted_sum(tiny_setup):
     want = float(m["ce"]) + alpha_kd * float(m["kd"]) + lam_lat * float(m["latent"])
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert not torch.equal(new_buffers["projection"]["bn1.running_mean"], buffers["projection"]["bn1.running_mean"])
+
+
+def test_stage_b_defaults_are_the_validated_weights(tiny_setup):
+    """The defaults (what the study's validation picked): CE 0.5 + KD 0.5 at a constant T 4, latent term scaled
+    by 1/sqrt(z_dim) ramped to 1.0, synergy scaled to the teachers' spread, clipping off."""
+    from kd.ibkd import IBKDConfig
+    cfg = IBKDConfig()
+    assert (cfg.stage_b.synergy_scale, cfg.grad_clip_norm_init, cfg.stage_b.latent_norm) == ("teachers", 0.0, "sqrt")
+    loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0)
+    for step in (0, 50, 99):
+        loss, (_, m) = loss_fn(params, buffers, frozen, batch, torch.tensor(step))
+        assert float(m["alpha_kd"]) == pytest.approx(0.5) and float(m["temperature"]) == pytest.approx(4.0)
+        lam_lat = max(0.0, (step / 99 - 0.3) / 0.7)
+        want = 0.5 * float(m["ce"]) + 0.5 * float(m["kd"]) + lam_lat * float(m["latent"])
+        assert float(loss) == pytest.approx(want, rel=1e-5)
