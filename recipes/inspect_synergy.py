@@ -62,15 +62,20 @@ def run(cfg: InspectConfig) -> dict:
     dims = tuple(feature_shapes(t.eval_skeleton)["pooled"][1] for t in teachers)
     mbm = MBM(run_cfg.mbm, dims, splits.num_classes).to(device).eval()
     params = tree["params"]["mbm"]
+    # stage_b.synergy_scale "teachers": the divisor stage B applied (recorded in the run's summary)
+    summary_path = root / "summary.json"
+    scale = json.loads(summary_path.read_text()).get(f"stage{cfg.stage}_synergy_scale") if summary_path.is_file() else None
 
     def stats(batches) -> dict[str, dict[str, float]]:
-        sums: dict[str, list[float]] = {"teacher average": [0.0, 0.0, 0.0], "synergy (MBM)": [0.0, 0.0, 0.0]}
+        names = ["teacher average", "synergy (MBM)"] + ([f"synergy / {scale:.3f} (stage B's targets)"] if scale else [])
+        sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in names}
         count = 0
         for _, batch in zip(range(cfg.batches), batches):
             logits, pooled, _ = teacher_outputs(teachers, batch["x"])
             with torch.no_grad():
                 synergy = call_stateless(mbm, params, {}, *pooled, train=False)[0]["logits"]
-            for name, lg in (("teacher average", (logits[0] + logits[1]) / 2), ("synergy (MBM)", synergy)):
+            targets = [(logits[0] + logits[1]) / 2, synergy] + ([synergy.float() / scale] if scale else [])
+            for name, lg in zip(names, targets):
                 lg = lg.float()
                 sums[name][0] += float((lg.argmax(1) == batch["y_a"]).float().mean())
                 sums[name][1] += float(F.softmax(lg, 1).max(1).values.mean())

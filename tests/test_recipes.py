@@ -203,4 +203,6 @@ def test_inspect_synergy_on_an_ibkd_run(workdir):
     proc = launch("recipes.inspect_synergy", str(only_run(out, "ibkd")), "--batches", "2", cwd=workdir)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| clean validation |")
             or line.startswith("| stage-B training batches |")]
-    assert len(rows) == 4 and all("%" in row for row in rows)
+    # teacher average, the MBM's logits and (synergy_scale "teachers", the default) stage B's scaled targets
+    assert len(rows) == 6 and all("%" in row for row in rows)
+    assert sum("(stage B's targets)" in row for row in rows) == 2
