@@ -165,7 +165,7 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
         epochs, avg, low, high = mean_curve(run_curves)
         group = dict(zip(GROUP_KEY, key))
         seeds = f"mean of {len(run_curves)} seeds" if len(run_curves) > 1 else "1 seed"
-        line, = ax.plot(epochs, avg, marker="o", markersize=3, label=f"{group['method']} {group['student']} ({seeds})")
+        line, = ax.plot(epochs, avg, marker="o", markersize=3, label=f"{group['method']} {group['student']}, {group['epochs']} epochs ({seeds})")
         if len(run_curves) > 1:
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")

@@ -192,8 +192,8 @@ def test_report_two_seeds_mean_std_table_and_banded_plot(tmp_path, monkeypatch):
 
     ax = figures[0].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {"dkd resnet8 (mean of 2 seeds)", "ce resnet8 (1 seed)"}  # one line per method
-    assert list(lines["dkd resnet8 (mean of 2 seeds)"].get_ydata()) == [15.0, 35.0, 42.0]
+    assert set(lines) == {"dkd resnet8, 3 epochs (mean of 2 seeds)", "ce resnet8, 3 epochs (1 seed)"}  # one line per method
+    assert list(lines["dkd resnet8, 3 epochs (mean of 2 seeds)"].get_ydata()) == [15.0, 35.0, 42.0]
     assert len(ax.collections) == 1  # the min..max band of the two-seed method
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == 10.0 and band.max() == 44.0
