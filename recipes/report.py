@@ -171,7 +171,7 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     dataset = rows[0]["dataset"].split(";")[0] if rows else ""
-    ax.set_title(f"{dataset}: mean over seeds, band = min..max over seeds".lstrip(": "))
+    ax.set_title(f"{dataset}\nmean over seeds, band = min..max over seeds".lstrip(), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
