@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import re
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,13 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
                               f"cuda:0..cuda:{count - 1}")
     return device
+
+
+def device_label(device: torch.device) -> str:
+    """What a benchmark reports as its machine: the GPU's name, or the CPU and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -122,6 +122,11 @@ class IBKDConfig(TwoTeachersConfig):
             raise ValueError(f"stage_a.cache_views must be >= 1, got {self.stage_a.cache_views}")
 
 
+def teacher_average(teacher_logits) -> torch.Tensor:
+    """The two teachers' mean logits (float32): the fixed-rule fusion the MBM is compared with."""
+    return (teacher_logits[0].float() + teacher_logits[1].float()) / 2
+
+
 def logit_spread(logits: torch.Tensor) -> torch.Tensor:
     """Mean over samples of the per-sample standard deviation of the logits (how sharp they are)."""
     return logits.float().std(dim=1).mean()
@@ -129,8 +134,7 @@ def logit_spread(logits: torch.Tensor) -> torch.Tensor:
 
 def synergy_scale_factor(synergy_logits: torch.Tensor, teacher_logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The constant that gives the synergy logits the spread of the teachers' average logits (no labels)."""
-    average = (teacher_logits[0].float() + teacher_logits[1].float()) / 2
-    return logit_spread(synergy_logits) / logit_spread(average).clamp_min(1e-12)
+    return logit_spread(synergy_logits) / logit_spread(teacher_average(teacher_logits)).clamp_min(1e-12)
 
 
 def latent_scale(norm: str, z_dim: int) -> float:
@@ -191,7 +195,7 @@ def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backen
                 teacher_pooled.append(feats["pooled"])
                 teacher_maps.append(feats.get(cfg.feature_stage))
             if parts.mbm_eval is None:  # ablation (mbm.kind "avg"): the plain average of the teachers
-                synergy = {"logits": (teacher_logits[0].float() + teacher_logits[1].float()) / 2}
+                synergy = {"logits": teacher_average(teacher_logits)}
             else:
                 synergy, _ = call_stateless(parts.mbm_eval, frozen["mbm"], {}, *teacher_pooled, train=False)
                 if "synergy_scale" in frozen:  # stage_b.synergy_scale "teachers"

@@ -17,7 +17,8 @@ from .config import to_dict
 from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches, steps_per_epoch
 from .distributed import barrier, convert_sync_bn, sum_across_ranks, world
 from .errors import ConfigError
-from .ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss, synergy_scale_factor
+from .ibkd import (IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss, synergy_scale_factor,
+                   teacher_average)
 from .mbm import MBM, ProjectionHead
 from .modeling import Net, build_net
 from .models import feature_shapes
@@ -130,7 +131,7 @@ def synergy_accuracy(mbm_eval: MBM | None, params: T.Tree, cache: FeatureCache) 
     """Accuracy of the synergy logits (the MBM in eval mode, or the teachers' average) on view 0."""
     with torch.no_grad():
         if mbm_eval is None:
-            logits = (cache.logits[0][0] + cache.logits[0][1]) / 2
+            logits = teacher_average(cache.logits[0])
         else:
             logits = synergy_logits(mbm_eval, params, cache)
     return accuracy(logits, cache.labels)

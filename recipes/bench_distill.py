@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from kd.config import ModelConfig, resolve_device
+from kd.config import ModelConfig, device_label, resolve_device
 from kd.ibkd import StageBConfig, StageBParts, stage_b_loss
 from kd.mbm import MBM, MBMConfig, ProjectionHead
 from kd.modeling import build_net
@@ -136,8 +135,7 @@ def measure(cfg: BenchDistillConfig, method: str, provider: str, batch_size: int
 
 def run(cfg: BenchDistillConfig) -> list[dict]:
     device = resolve_device(cfg.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = device_label(device)
     rows = []
     for method in cfg.methods:
         for batch_size in cfg.batch_sizes:

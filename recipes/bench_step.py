@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd.config import ModelConfig, resolve_device
+from kd.config import ModelConfig, device_label, resolve_device
 from kd.modeling import build_net
 from kd.optim import sgd
 from kd.step import apply_model, compile_step, init_state, make_train_step
@@ -113,7 +112,7 @@ def run(cfg: BenchStepConfig) -> dict:
         eager_rates.append(timed(eager_step))
         compiled_rates.append(timed(functional_step))
     eager_ips, compiled_ips = statistics.median(eager_rates), statistics.median(compiled_rates)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = device_label(device)
     result = {"device": name, "torch": torch.__version__, "arch": cfg.model.arch, "batch_size": cfg.batch_size,
               "eager_images_per_s": eager_ips, "compiled_functional_images_per_s": compiled_ips,
               "speedup": compiled_ips / eager_ips}

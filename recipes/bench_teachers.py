@@ -10,14 +10,13 @@ folded + channels-last; rounds interleave the variants so a busy machine slows a
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from kd.config import ModelConfig, resolve_device
+from kd.config import ModelConfig, device_label, resolve_device
 from kd.losses import hinton_kd
 from kd.modeling import Net, build_net
 from kd.optim import adamw
@@ -110,8 +109,7 @@ def run(cfg: BenchTeachersConfig) -> list[dict]:
             row["forward_x"] = row["forward"] / statistics.median(base["forward"])
             row["kd_step_x"] = row["kd_step"] / statistics.median(base["kd_step"])
             rows.append(row)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = device_label(device)
     print(f"\n{name}, torch {torch.__version__}; student {cfg.student.arch}, batch {cfg.batch_size}, median of "
           f"{cfg.rounds - 1} rounds x {cfg.steps} steps\n")
     print("| teacher | variant | teacher forward (images/s) | x | KD train step (images/s) | x |\n|---|---|---|---|---|---|")

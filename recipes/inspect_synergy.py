@@ -21,7 +21,7 @@ from kd.checkpoint import load_checkpoint
 from kd.config import from_dict, resolve_device
 from kd.data import eval_batches, load_splits, train_batches
 from kd.errors import ConfigError
-from kd.ibkd import IBKDConfig
+from kd.ibkd import IBKDConfig, logit_spread, teacher_average
 from kd.ibkd_run import teacher_outputs
 from kd.mbm import MBM
 from kd.models import feature_shapes
@@ -74,12 +74,12 @@ def run(cfg: InspectConfig) -> dict:
             logits, pooled, _ = teacher_outputs(teachers, batch["x"])
             with torch.no_grad():
                 synergy = call_stateless(mbm, params, {}, *pooled, train=False)[0]["logits"]
-            targets = [(logits[0] + logits[1]) / 2, synergy] + ([synergy.float() / scale] if scale else [])
+            targets = [teacher_average(logits), synergy] + ([synergy.float() / scale] if scale else [])
             for name, lg in zip(names, targets):
                 lg = lg.float()
                 sums[name][0] += float((lg.argmax(1) == batch["y_a"]).float().mean())
                 sums[name][1] += float(F.softmax(lg, 1).max(1).values.mean())
-                sums[name][2] += float(lg.std(1).mean())
+                sums[name][2] += float(logit_spread(lg))  # what stage_b.synergy_scale equalises
             count += 1
         return {k: {"accuracy": v[0] / count, "confidence": v[1] / count, "logit_std": v[2] / count}
                 for k, v in sums.items()}

@@ -115,16 +115,23 @@ def run_once(cfg: StudyConfig, method: str, method_cfg: Any, name: str) -> dict:
     return module.run(method_cfg, recipe=method)
 
 
+def trial_config(cfg: StudyConfig, method: str, trial: int, single) -> Any:
+    """Grid entry ``trial`` of ``method`` applied to its seed-0 config."""
+    return with_overrides(compare.method_config(cfg, method, 0, single), GRIDS[method][trial])
+
+
+def overrides_text(method: str, trial: int) -> str:
+    return ", ".join(f"{k}={v}" for k, v in GRIDS[method][trial].items()) or "(defaults)"
+
+
 def chosen_trial(cfg: StudyConfig, method: str, single) -> tuple[int, Any, list[tuple[int, float]]]:
     """Search on seed 0; returns (trial index, its config, [(trial, best val acc)])."""
-    grid = GRIDS[method][: cfg.trials]
     scores = []
-    for trial, overrides in enumerate(grid):
-        method_cfg = with_overrides(compare.method_config(cfg, method, 0, single), overrides)
-        summary = run_once(cfg, method, method_cfg, f"{method}-t{trial}-s0")
+    for trial in range(min(cfg.trials, len(GRIDS[method]))):
+        summary = run_once(cfg, method, trial_config(cfg, method, trial, single), f"{method}-t{trial}-s0")
         scores.append((trial, float(summary["best_val_acc"])))
     best = max(scores, key=lambda s: (s[1], -s[0]))[0]  # ties: the earlier (simpler) entry
-    return best, with_overrides(compare.method_config(cfg, method, 0, single), grid[best]), scores
+    return best, trial_config(cfg, method, best, single), scores
 
 
 def run(cfg: StudyConfig) -> list[dict]:
@@ -136,7 +143,7 @@ def run(cfg: StudyConfig) -> list[dict]:
     for method in [m for m in cfg.methods if m not in compare.ABLATIONS]:
         if method in fixed:
             trial, scores = fixed[method], []
-            method_cfg = with_overrides(compare.method_config(cfg, method, 0, single), GRIDS[method][trial])
+            method_cfg = trial_config(cfg, method, trial, single)
         else:
             trial, method_cfg, scores = chosen_trial(cfg, method, single)
         chosen[method] = (trial, method_cfg)
@@ -163,11 +170,10 @@ def write_selection(cfg: StudyConfig, selection: list[tuple[str, list[tuple[int,
     lines = ["| method | trial | overrides | best val acc (%, seed 0) | chosen |", "|---|---|---|---|---|"]
     for method, scores, best in selection:
         if not scores:
-            overrides = ", ".join(f"{k}={v}" for k, v in GRIDS[method][best].items()) or "(defaults)"
-            lines.append(f"| {method} | {best} | {overrides} | (fixed: --fixed {method}={best}) | yes |")
+            lines.append(f"| {method} | {best} | {overrides_text(method, best)} | (fixed: --fixed {method}={best}) | yes |")
         for trial, val in scores:
-            overrides = ", ".join(f"{k}={v}" for k, v in GRIDS[method][trial].items()) or "(defaults)"
-            lines.append(f"| {method} | {trial} | {overrides} | {val:.2f} | {'yes' if trial == best else ''} |")
+            lines.append(f"| {method} | {trial} | {overrides_text(method, trial)} | {val:.2f} | "
+                         f"{'yes' if trial == best else ''} |")
     out = Path(cfg.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{cfg.report_name}_search.md").write_text("\n".join(lines) + "\n")
