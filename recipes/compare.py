@@ -24,7 +24,7 @@ from ._cli import parse
 from ._distill import ensure_teacher
 
 Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "ibkd",
-                 "ibkd_nolatent", "ibkd_vib", "ibkd_feat", "ibkd_avg"]
+                 "ibkd_nolatent", "ibkd_vib", "ibkd_gate", "ibkd_feat", "ibkd_nofeat", "ibkd_avg"]
 METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd, "ibkd": ibkd}
 SINGLE_TEACHER = ("kd", "at", "fitnet", "dkd")
 TWO_TEACHERS = ("ensemble_kd",)
@@ -35,12 +35,27 @@ ABLATIONS: dict[str, Callable[["CompareConfig", ibkd.IBKDConfig], ibkd.IBKDConfi
     "ibkd_nolatent": lambda cmp, c: dataclasses.replace(c, stage_b=dataclasses.replace(c.stage_b, latent_alpha=0.0)),
     # concatenated teacher features instead of the gate
     "ibkd_vib": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="vib")),
+    # the gate instead of concatenated features (for a compared config whose MBM is vib)
+    "ibkd_gate": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="gate")),
     # the optional feature term switched on
     "ibkd_feat": lambda cmp, c: dataclasses.replace(
         c, stage_b=dataclasses.replace(c.stage_b, gamma=cmp.ablation_gamma)),
+    # the feature term switched off (for a compared config that has it on)
+    "ibkd_nofeat": lambda cmp, c: dataclasses.replace(c, stage_b=dataclasses.replace(c.stage_b, gamma=0.0)),
     # the MBM replaced by the plain average of the teachers
     "ibkd_avg": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="avg")),
 }
+
+
+def ablate(cmp: "CompareConfig", method: str, base: ibkd.IBKDConfig) -> ibkd.IBKDConfig:
+    """``base`` with ablation ``method`` applied; an ablation that would change nothing (``ibkd_vib`` of a config
+    whose MBM is already vib) is an error, not a duplicate of the compared run under another name."""
+    variant = ABLATIONS[method](cmp, base)
+    if variant == base:
+        raise ConfigError(f"ablation {method} leaves the compared IB-KD config unchanged (mbm.kind {base.mbm.kind}, "
+                          f"stage_b.gamma {base.stage_b.gamma}, stage_b.latent_alpha {base.stage_b.latent_alpha}): "
+                          f"drop it or use its counterpart ({', '.join(ABLATIONS)})")
+    return variant
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,9 @@ class CompareConfig(ibkd.IBKDConfig):
     the other methods keep their recipes' method-specific defaults."""
 
     methods: tuple[Method, ...] = ("ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd")
-    """Methods to run. IB-KD ablations (not run by default): ibkd_nolatent (latent_alpha 0), ibkd_vib
-    (mbm.kind vib), ibkd_feat (stage_b.gamma = --ablation-gamma), ibkd_avg (MBM replaced by the teacher average)."""
+    """Methods to run. IB-KD ablations (not run by default): ibkd_nolatent (latent_alpha 0), ibkd_vib / ibkd_gate
+    (mbm.kind vib / gate), ibkd_feat / ibkd_nofeat (stage_b.gamma = --ablation-gamma / 0), ibkd_avg (MBM replaced
+    by the teacher average)."""
     seeds: tuple[int, ...] = (0, 1)
     """Run seeds (initialisation, data order, augmentation); the validation split stays data.split_seed."""
     single_teacher: Literal["teacher1", "teacher2", "stronger"] = "stronger"
@@ -100,7 +116,7 @@ def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[Mode
     if method == "ibkd" or method in ABLATIONS:
         ibkd_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)}
         base = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": ""})
-        return ABLATIONS[method](cfg, base) if method in ABLATIONS else base
+        return ablate(cfg, method, base) if method in ABLATIONS else base
     overrides: dict = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)},
                        "seed": seed, "student": cfg.student, "run_name": ""}
     if method in SINGLE_TEACHER:

@@ -194,6 +194,11 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
     assert len(rows) == 1 and f"--fixed kd={other}" in rows[0]
     bad = launch(*fixed[:-4], "--fixed", "kd=9", cwd=workdir, check=False)
     assert bad.returncode != 0 and "--fixed 'kd=9'" in bad.stdout + bad.stderr
+    # an ablation that would repeat IB-KD's chosen config (its MBM is already the gate) is one line, before any run
+    noop = launch("recipes.study", *TINY, *IBKD_TINY, "--methods", "ibkd", "ibkd_gate", "--fixed", "ibkd=0",
+                  "--seeds", "0", "--out-dir", str(out), "--report-dir", str(reports), cwd=workdir, check=False)
+    assert noop.returncode == 1 and "ablation ibkd_gate leaves the compared IB-KD config unchanged" in noop.stderr
+    assert "Traceback" not in noop.stderr and not any(d.name.startswith("ibkd_gate") for d in out.iterdir())
 
 
 def test_inspect_synergy_on_an_ibkd_run(workdir):

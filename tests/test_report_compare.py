@@ -77,6 +77,26 @@ def test_ablation_is_ibkd_with_one_field_replaced(method, field, value):
     assert getattr(getattr(variant, part), name) == value
 
 
+@pytest.mark.parametrize("method,field,value", [("ibkd_gate", "mbm.kind", "gate"),
+                                                ("ibkd_nofeat", "stage_b.gamma", 0.0)])
+def test_counterpart_ablations_of_a_vib_config_with_the_feature_term(method, field, value):
+    cfg = compare_config(mbm=dataclasses.replace(compare.CONFIG.mbm, kind="vib"),
+                         stage_b=dataclasses.replace(compare.CONFIG.stage_b, gamma=1.0), seeds=(3,))
+    base = compare.method_config(cfg, "ibkd", 3, None)
+    variant = compare.method_config(cfg, method, 3, None)
+    assert changed_fields(base, variant) == {field}
+    part, name = field.split(".")
+    assert getattr(getattr(variant, part), name) == value
+
+
+@pytest.mark.parametrize("method", ["ibkd_gate", "ibkd_nofeat"])
+def test_an_ablation_that_changes_nothing_is_an_error(method):
+    cfg = compare_config(seeds=(0,))  # the defaults: gate, no feature term
+    assert (compare.CONFIG.mbm.kind, compare.CONFIG.stage_b.gamma) == ("gate", 0.0)
+    with pytest.raises(ConfigError, match=f"ablation {method} leaves the compared IB-KD config unchanged"):
+        compare.method_config(cfg, method, 0, None)
+
+
 def test_baselines_share_data_budget_student_and_teachers():
     cfg = compare_config(epochs=3, seeds=(4,))
     single = (cfg.teacher2, "t2.safetensors")
