@@ -155,12 +155,11 @@ def run(cfg: StudyConfig) -> list[dict]:
     ablations = [m for m in cfg.methods if m in compare.ABLATIONS]
     if ablations:
         base_trial, base = chosen.get("ibkd") or chosen_trial(cfg, "ibkd", single)[:2]
-        for method in ablations:
-            compare.ablate(cfg, method, base)  # a no-op ablation fails before any of them runs
-        for method in ablations:
+        variants = {method: compare.ablate(cfg, method, base) for method in ablations}  # a no-op fails before any run
+        for method, variant in variants.items():
             for seed in cfg.seeds:
                 name = f"{method}-t{base_trial}-s{seed}"
-                run_once(cfg, method, compare.ablate(cfg, method, dataclasses.replace(base, seed=seed)), name)
+                run_once(cfg, method, dataclasses.replace(variant, seed=seed), name)
                 final_dirs.append(str(Path(cfg.out_dir) / name))
     write_selection(cfg, selection)
     say("")
