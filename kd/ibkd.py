@@ -27,6 +27,7 @@ from .losses import clip_threshold, feature_alignment, kd_ramp, latent_weight, l
 from .mbm import MBM, MBMConfig
 from .modeling import Net
 from .step import apply_model, call_stateless
+from .teacher_outputs import frozen_teacher
 from .teachers import TwoTeachersConfig
 
 
@@ -177,6 +178,7 @@ class StageBParts:
 def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backend: str | None = None):
     """The student's loss. ``backend`` picks the kernels (None = ``$KD_KERNELS`` / auto)."""
     scale = latent_scale(cfg.latent_norm, parts.z_dim)
+    reads_maps = cfg.gamma > 0 and parts.adapters is not None  # the feature term: teachers' maps, never shared
 
     def loss_fn(params, buffers, frozen, batch, step):
         r = progress(step, total_steps)
@@ -189,8 +191,7 @@ def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backen
         with torch.no_grad():  # targets: frozen teachers, MBM in eval mode (z = mu)
             teacher_logits, teacher_pooled, teacher_maps = [], [], []
             for name, teacher in zip(("teacher1", "teacher2"), parts.teachers):
-                logits_t, feats, _ = apply_model(teacher.eval_skeleton, frozen[name]["params"],
-                                                 frozen[name]["buffers"], x, train=False)
+                logits_t, feats = frozen_teacher(name, teacher, frozen, batch, maps=reads_maps)
                 teacher_logits.append(logits_t)
                 teacher_pooled.append(feats["pooled"])
                 teacher_maps.append(feats.get(cfg.feature_stage))

@@ -23,9 +23,10 @@ from .mbm import MBM, ProjectionHead
 from .modeling import Net, build_net
 from .models import feature_shapes
 from .optim import adamw, build_optimizer, lr_schedule
-from .run import Run, final_report, load_train_state, say, train_loop
+from .run import Run, final_report, load_train_state, say, train_loop, training_batches
 from .step import apply_model, call_stateless, compile_step, init_state, make_eval_fn, make_train_step
 from .supervised import constant, prepare, print_accuracy_table, resolve_resume
+from .teacher_outputs import teacher_outputs_for
 from .teachers import ensure_teacher, load_teacher
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +283,15 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         say(f"resuming {run.root} after student epoch {info['epoch']}")
 
     eval_fn = compile_step(make_eval_fn(student.eval_skeleton), cfg.compile)
+    shared, batches = None, None
+    if cfg.teacher_cache and cfg.stage_b.gamma > 0:
+        say(f"{recipe}: --teacher-cache not used (the feature term reads the teachers' feature maps, which are not "
+            f"stored)")
+    elif cfg.teacher_cache:
+        shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
+                                           "teacher2": (teachers[1], cfg.teacher2_ckpt)},
+                                     splits.description, device, method=recipe)
+        batches = shared.wrap(training_batches(cfg, splits, device))
     for stage, (start, end) in enumerate(stage_boundaries(cfg.epochs, cfg.num_stages)):
         if mbm_train is not None:
             if info["epoch"] <= start:  # stage A of this stage has not been followed by student epochs yet
@@ -305,7 +315,7 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
             continue
         info = {**info, "epoch": max(info["epoch"], start)}
         result = train_loop(cfg, run, state=state, train_step=step_b, splits=splits, device=device, part="student",
-                            eval_fn=eval_fn, weight_meta=meta, epochs=end, tag="", resume_info=info)
+                            eval_fn=eval_fn, weight_meta=meta, epochs=end, tag="", resume_info=info, batches=batches)
         state = result.state
         info = {"epoch": end, "best_val": result.best_val, "best_ema_val": result.best_ema_val,
                 "train_seconds": result.train_seconds, "images_seen": result.images_seen}
@@ -315,7 +325,8 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     summary.update({"num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                     "wall_seconds": time.perf_counter() - t0, "cache_seconds": cache_seconds,
                     "train_seconds": info["train_seconds"], "images_per_second":
-                        info["images_seen"] / max(info["train_seconds"], 1e-9), **accuracies})
+                        info["images_seen"] / max(info["train_seconds"], 1e-9), **accuracies,
+                    **(shared.report() if shared is not None else {})})
     run.write_summary(summary)
     say(f"\nteachers: {cfg.teacher1.arch} test {summary['teacher1_test_acc']:.2f}%, {cfg.teacher2.arch} test "
         f"{summary['teacher2_test_acc']:.2f}%; synergy test {summary['synergy_test_acc']:.2f}%")

@@ -282,6 +282,19 @@ class LoopResult:
         return self.images_seen / max(self.train_seconds, 1e-9)
 
 
+def training_batches(cfg: RunConfig, splits: Splits, device: torch.device
+                     ) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+    """``epoch -> batches`` of the training split: this rank's shard, the run's memory format. The stream
+    depends only on the data config, the seed and the epoch (never on the model trained)."""
+    def batches(epoch: int) -> Iterator[dict[str, Tensor]]:
+        for batch in train_batches(splits, cfg.data, seed=cfg.seed, epoch=epoch, device=device,
+                                   rank=world().rank, world_size=world().size):
+            if cfg.channels_last:
+                batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
+            yield batch
+    return batches
+
+
 def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable, splits: Splits,
                device: torch.device, part: str, eval_fn: Callable | None, weight_meta: dict[str, Any],
                batches: Callable[[int], Iterator[dict[str, Tensor]]] | None = None,
@@ -313,14 +326,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
     has_ema = "ema" in state
     weight_meta = {**weight_meta, "config": to_dict(cfg)}  # every checkpoint carries the resolved config
 
-    def default_batches(epoch: int):
-        for batch in train_batches(splits, cfg.data, seed=cfg.seed, epoch=epoch, device=device,
-                                   rank=world().rank, world_size=world().size):
-            if cfg.channels_last:
-                batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
-            yield batch
-
-    make_batches = batches or default_batches
+    make_batches = batches or training_batches(cfg, splits, device)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         n_images = 0

@@ -20,7 +20,7 @@ from .data import Splits, load_splits, steps_per_epoch
 from .errors import ConfigError
 from .modeling import Net, build_net
 from .optim import build_optimizer, lr_schedule
-from .run import Run, final_report, load_train_state, say, train_loop
+from .run import Run, final_report, load_train_state, say, train_loop, training_batches
 from .step import apply_model, compile_step, init_state, make_eval_fn, make_train_step, mixed_cross_entropy
 
 
@@ -48,11 +48,13 @@ class Extras:
     buffers: T.Tree = field(default_factory=dict)
     frozen: T.Tree = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    teacher_outputs: Any = None
+    """A :class:`kd.teacher_outputs.TeacherOutputs` adding the frozen teachers' outputs to every batch."""
 
 
 # What a resumed run may change: none of it alters the work already done or the state carried over.
 # More epochs continue on the schedule recomputed for the new total; everything else is refused.
-RESUME_MAY_CHANGE = ("epochs", "log_every", "disable_tqdm", "log.tensorboard")
+RESUME_MAY_CHANGE = ("epochs", "log_every", "disable_tqdm", "log.tensorboard", "teacher_cache")
 
 
 def resolve_resume(cfg: RunConfig) -> RunConfig:
@@ -136,14 +138,20 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
 
     eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile)
     t0 = time.perf_counter()
+    batches = None
+    if extras.teacher_outputs is not None:
+        batches = extras.teacher_outputs.wrap(training_batches(cfg, splits, device))
     result = train_loop(cfg, run, state=state, train_step=compile_step(train_step, cfg.compile), splits=splits,
-                        device=device, part=part, eval_fn=eval_fn, weight_meta=meta, resume_info=resume_info)
+                        device=device, part=part, eval_fn=eval_fn, weight_meta=meta, resume_info=resume_info,
+                        batches=batches)
     accuracies = final_report(run, state=result.state, part=part, eval_fn=eval_fn, splits=splits, cfg=cfg,
                               device=device, weight_meta=meta)
     summary = {"recipe": recipe, "run_dir": str(run.root), "dataset": splits.description, part: model_cfg.arch,
                "num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "images_per_second": result.images_per_second, **extras.summary, **accuracies}
+    if extras.teacher_outputs is not None:
+        summary.update(extras.teacher_outputs.report())
     run.write_summary(summary)
     print_accuracy_table(summary)
     return summary

@@ -61,6 +61,11 @@ class TwoTeachersConfig(RunConfig):
     fold_teacher_bn: bool = True
     """Fold the frozen teachers' BatchNorm into the convolutions before them (the same function up to float
     rounding, fewer passes per forward)."""
+    teacher_cache: str = ""
+    """Directory where the frozen teachers' logits and pooled features are kept per training batch, so that
+    runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
+    afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
+    with the feature term) compute them in the step regardless."""
 
 
 # SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),

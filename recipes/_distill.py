@@ -14,6 +14,8 @@ from kd.modeling import Net, build_net
 from kd.optim import OptimConfig
 from kd.step import AmpConfig, apply_model
 from kd.supervised import Extras, prepare, resolve_resume, train_network
+from kd.run import say
+from kd.teacher_outputs import frozen_teacher, teacher_outputs_for
 from kd.teachers import ensure_teacher, load_teacher  # noqa: F401  (re-exported for the recipes)
 
 
@@ -32,6 +34,11 @@ class DistillConfig(RunConfig):
     fold_teacher_bn: bool = True
     """Fold the frozen teacher's BatchNorm into the convolutions before them (the same function up to float
     rounding, fewer passes per forward)."""
+    teacher_cache: str = ""
+    """Directory where the frozen teachers' logits and pooled features are kept per training batch, so that
+    runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
+    afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
+    with the feature term) compute them in the step regardless."""
     label_smoothing: float = 0.0
     """Label smoothing of the student's cross-entropy."""
     grad_clip_norm: float = 0.0
@@ -58,35 +65,37 @@ def cifar_table(cfg: DistillConfig, *, lr: float = 0.05) -> DistillConfig:
         teacher_ckpt="checkpoints/resnet32x4_ft.safetensors", label_smoothing=0.0, amp=AmpConfig())
 
 
-def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen: dict, x: torch.Tensor):
-    """The frozen teacher (eval mode, no gradient) and the student (training mode) on the same input:
-    ``(teacher_logits, teacher_features, logits, features, new_buffers)``."""
-    with torch.no_grad():
-        teacher_logits, teacher_features, _ = apply_model(teacher.eval_skeleton, frozen["teacher"]["params"],
-                                                          frozen["teacher"]["buffers"], x, train=False)
+def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen: dict, batch: dict, *,
+                 maps: bool = False):
+    """The frozen teacher (eval mode, no gradient; read from the batch when shared, see
+    :mod:`kd.teacher_outputs`) and the student (training mode) on ``batch["x"]``: ``(teacher_logits,
+    teacher_features, logits, features, new_buffers)``. ``maps``: the loss reads the teacher's feature maps."""
+    x = batch["x"]
+    teacher_logits, teacher_features = frozen_teacher("teacher", teacher, frozen, batch, maps=maps)
     logits, features, student_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"], x,
                                                     train=True)
     return teacher_logits, teacher_features, logits, features, {**buffers, "student": student_buffers}
 
 
-def run_single_teacher(cfg: DistillConfig, recipe: str, make_loss) -> dict:
+def run_single_teacher(cfg: DistillConfig, recipe: str, make_loss, *, maps: bool = False) -> dict:
     """Shared driver of the single-teacher baselines: :func:`run_distillation` with the one teacher
     ``frozen["teacher"]``. ``make_loss(cfg, student, teacher, device)`` returns ``(loss_fn, head_params,
     head_buffers)`` (heads such as FitNet's regressor are trained and saved with the student)."""
     return run_distillation(cfg, recipe, lambda c: {"teacher": (c.teacher, c.teacher_ckpt)},
                             lambda c, student, teachers, device, total_steps: make_loss(c, student, teachers["teacher"],
-                                                                                        device))
+                                                                                        device), maps=maps)
 
 
 # teachers(cfg) -> {"teacher1": (model, checkpoint), ...}: the names are the keys of ``frozen``.
 TeacherSpecs = Callable[[RunConfig], dict[str, tuple[ModelConfig, str]]]
 
 
-def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_loss) -> dict:
+def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_loss, *, maps: bool = False) -> dict:
     """The one driver of every distillation baseline: fine-tune missing teachers, load them frozen
     (``frozen[name]``), train the student with ``make_loss(cfg, student, teachers: dict[str, Net], device,
     total_steps) -> (loss_fn, head_params, head_buffers)`` through :func:`kd.supervised.train_network`.
-    The summary's ``method`` is ``recipe``."""
+    The summary's ``method`` is ``recipe``. ``maps``: the loss reads the teachers' feature maps, so their
+    outputs are not shared through ``cfg.teacher_cache`` (only logits and pooled features are)."""
     cfg = resolve_resume(cfg)
     specs = teachers(cfg)
     for model, ckpt in specs.values():
@@ -97,8 +106,15 @@ def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_l
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     total_steps = steps_per_epoch(splits, cfg.data) * cfg.epochs
     loss_fn, head_params, head_buffers = make_loss(cfg, student, nets, device, total_steps)
+    shared = None
+    if cfg.teacher_cache and maps:
+        say(f"{recipe}: --teacher-cache not used (the loss reads the teachers' feature maps, which are not stored)")
+    elif cfg.teacher_cache:
+        shared = teacher_outputs_for(cfg, {name: (net, specs[name][1]) for name, net in nets.items()},
+                                     splits.description, device, method=recipe)
     extras = Extras(params=head_params, buffers=head_buffers,
                     frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in nets.items()},
-                    summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]})
+                    summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]},
+                    teacher_outputs=shared)
     return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student", loss_fn=loss_fn,
                          grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, extras=extras)

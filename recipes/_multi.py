@@ -11,7 +11,7 @@ import torch
 
 from kd.config import ModelConfig
 from kd.modeling import Net
-from kd.step import apply_model
+from kd.teacher_outputs import frozen_teacher
 from kd.teachers import TwoTeachersConfig
 
 from ._distill import run_distillation  # noqa: F401  (re-exported for the recipes)
@@ -33,8 +33,7 @@ def two_teachers(cfg: TwoTeacherConfig) -> dict[str, tuple[ModelConfig, str]]:
     return {"teacher1": (cfg.teacher1, cfg.teacher1_ckpt), "teacher2": (cfg.teacher2, cfg.teacher2_ckpt)}
 
 
-def frozen_teacher_logits(teachers: dict[str, Net], frozen: dict, x: torch.Tensor) -> list[torch.Tensor]:
-    """Every frozen teacher's logits (eval mode, no gradient), in the order of ``teachers``."""
-    with torch.no_grad():
-        return [apply_model(net.eval_skeleton, frozen[name]["params"], frozen[name]["buffers"], x, train=False)[0]
-                for name, net in teachers.items()]
+def frozen_teacher_logits(teachers: dict[str, Net], frozen: dict, batch: dict) -> list[torch.Tensor]:
+    """Every frozen teacher's logits on ``batch["x"]`` (eval mode, no gradient; read from the batch when
+    shared, see :mod:`kd.teacher_outputs`), in the order of ``teachers``."""
+    return [frozen_teacher(name, net, frozen, batch)[0] for name, net in teachers.items()]

@@ -40,7 +40,7 @@ def attention_loss(cfg: ATConfig, student, teacher, device):
 
     def loss_fn(params, buffers, frozen, batch, step):
         _, teacher_features, logits, features, new_buffers = forward_pair(student, teacher, params, buffers, frozen,
-                                                                          batch["x"])
+                                                                          batch, maps=True)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         at = kernels.attention_transfer_loss([features[s] for s in cfg.stages],
                                              [teacher_features[s] for s in cfg.stages], backend=cfg.kernels)
@@ -50,7 +50,7 @@ def attention_loss(cfg: ATConfig, student, teacher, device):
 
 
 def run(cfg: ATConfig, recipe: str = "at") -> dict:
-    return run_single_teacher(cfg, recipe, attention_loss)
+    return run_single_teacher(cfg, recipe, attention_loss, maps=True)
 
 
 def main(argv=None, prog="launch.py recipes.at"):

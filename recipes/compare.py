@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 from kd.checkpoint import read_metadata
@@ -78,6 +79,11 @@ class CompareConfig(ibkd.IBKDConfig):
     """Base name of the report files (in --report-dir)."""
     report_dir: str = "reports"
     """Where the table and plot are written."""
+    share_teachers: bool = True
+    """Compute the frozen teachers' logits and pooled features once per seed and let every later method read
+    them (``kd.teacher_outputs``; a run's summary counts its hits and misses): in --teacher-cache, or
+    <out-dir>/teacher_outputs when that is ''. False: every run runs its teachers in its step. AT, FitNet and
+    IB-KD with the feature term read feature maps and always run them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,15 +116,24 @@ def pick_single_teacher(cfg: CompareConfig) -> tuple[ModelConfig, str]:
     return model, ckpt
 
 
+def shared_outputs(cfg: CompareConfig) -> str:
+    """Where the methods of this comparison share their teachers' outputs ('' = not shared)."""
+    if not cfg.share_teachers:
+        return ""
+    return cfg.teacher_cache or str(Path(cfg.out_dir) / "teacher_outputs")
+
+
 def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[ModelConfig, str] | None):
     """The config one method runs with: IB-KD (and its ablations) from the compared IB-KD fields, the
     baselines from their recipe's defaults with the shared data, budget, student and teachers."""
     if method == "ibkd" or method in ABLATIONS:
         ibkd_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)}
-        base = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": ""})
+        base = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": "", "teacher_cache": shared_outputs(cfg)})
         return ablate(cfg, method, base) if method in ABLATIONS else base
     overrides: dict = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)},
                        "seed": seed, "student": cfg.student, "run_name": ""}
+    if method != "ce":
+        overrides["teacher_cache"] = shared_outputs(cfg)
     if method in SINGLE_TEACHER:
         overrides.update(teacher=single[0], teacher_ckpt=single[1], teacher_epochs=cfg.teacher_epochs)
     if method in TWO_TEACHERS:

@@ -48,7 +48,7 @@ def dkd_objective(cfg: DKDConfig, student, teachers, device, total_steps: int):
     teacher = teachers["teacher"]
 
     def loss_fn(params, buffers, frozen, batch, step):
-        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch["x"])
+        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         tckd, nckd = mixed_dkd_terms(logits, teacher_logits, batch, cfg.temperature)
         warm = linear_warmup(step, total_steps, cfg.warmup_frac)

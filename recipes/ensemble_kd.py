@@ -30,7 +30,7 @@ CONFIG = EnsembleKDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 def ensemble_objective(cfg: EnsembleKDConfig, student, teachers, device, total_steps: int):
     def loss_fn(params, buffers, frozen, batch, step):
-        targets = frozen_teacher_logits(teachers, frozen, batch["x"])
+        targets = frozen_teacher_logits(teachers, frozen, batch)
         logits, _, student_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"],
                                                  batch["x"], train=True)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)

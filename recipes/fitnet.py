@@ -45,7 +45,7 @@ def hint_loss(cfg: FitNetConfig, student, teacher, device):
 
     def loss_fn(params, buffers, frozen, batch, step):
         _, teacher_features, logits, features, new_buffers = forward_pair(student, teacher, params, buffers, frozen,
-                                                                          batch["x"])
+                                                                          batch, maps=True)
         regressed, _ = call_stateless(regressor, params["regressor"], {}, features[cfg.hint_stage], train=True)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         hint = fitnet_hint(regressed, teacher_features[cfg.hint_stage])
@@ -56,7 +56,7 @@ def hint_loss(cfg: FitNetConfig, student, teacher, device):
 
 
 def run(cfg: FitNetConfig, recipe: str = "fitnet") -> dict:
-    return run_single_teacher(cfg, recipe, hint_loss)
+    return run_single_teacher(cfg, recipe, hint_loss, maps=True)
 
 
 def main(argv=None, prog="launch.py recipes.fitnet"):

@@ -26,7 +26,7 @@ CONFIG = KDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 def hinton_loss(cfg: KDConfig, student, teacher, device):
     def loss_fn(params, buffers, frozen, batch, step):
-        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch["x"])
+        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch)
         ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
         kd = hinton_kd(logits, teacher_logits, cfg.temperature)
         loss = (1 - cfg.alpha) * ce + cfg.alpha * kd

@@ -338,5 +338,6 @@ def test_teacher_benchmark_times_every_variant():
 
     rows = bench_teachers.run(bench_teachers.BenchTeachersConfig(teachers=("resnet8",), batch_size=8, steps=1,
                                                                   rounds=2, device="cpu"))
-    assert [r["variant"] for r in rows] == ["as loaded", "BN folded", "BN folded + channels-last"]
+    assert [r["variant"] for r in rows] == ["as loaded", "BN folded", "BN folded + channels-last",
+                                            bench_teachers.SHARED]
     assert all(r["forward"] > 0 and r["kd_step"] > 0 for r in rows) and rows[0]["kd_step_x"] == 1.0

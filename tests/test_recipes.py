@@ -150,6 +150,36 @@ def test_compiled_ibkd_cli_golden_losses(workdir, kernels):
     check_golden("ibkd_compiled_accuracies", accuracies, count=4)
 
 
+def test_shared_teacher_outputs_are_read_back_and_change_nothing(workdir):
+    """--teacher-cache: the first run computes the teachers' outputs, later runs on the same batches (another
+    method with the same teachers included) read them, and the losses are those of the forward in the step
+    (the stored golden losses)."""
+    kd = ["recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8", "--teacher.pretrained",
+          "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--teacher-cache", "tc"]
+    first = launch(*kd, "--out-dir", "runs_tc", "--run-name", "kd_first", cwd=workdir)
+    assert "teachers' outputs are shared through" in first.stdout
+    second = launch(*kd, "--out-dir", "runs_tc", "--run-name", "kd_second", cwd=workdir)
+    summaries = {name: json.loads((workdir / "runs_tc" / name / "summary.json").read_text())
+                 for name in ("kd_first", "kd_second")}
+    steps = summaries["kd_first"]["teacher_outputs_misses"]
+    assert steps > 0 and summaries["kd_first"]["teacher_outputs_hits"] == 0
+    assert (summaries["kd_second"]["teacher_outputs_hits"], summaries["kd_second"]["teacher_outputs_misses"]) == (steps, 0)
+    for name in ("kd_first", "kd_second"):
+        check_golden("kd", step_losses(workdir / "runs_tc" / name))
+    assert summaries["kd_first"]["best_test_acc"] == summaries["kd_second"]["best_test_acc"]
+    # ensemble_kd fills the two-teacher stream; IB-KD (no feature term) reads it and keeps its golden losses
+    two = ["--teacher-cache", "tc", "--out-dir", "runs_tc"]
+    launch("recipes.ensemble_kd", *TINY, *IBKD_TINY[:14], *two, "--run-name", "ens", cwd=workdir)  # no stage-A/MBM flags
+    launch("recipes.ibkd", *TINY, *IBKD_TINY, *two, "--run-name", "ib", cwd=workdir)
+    ib = json.loads((workdir / "runs_tc" / "ib" / "summary.json").read_text())
+    assert (ib["teacher_outputs_hits"], ib["teacher_outputs_misses"]) == (steps, 0)
+    check_golden("ibkd", step_losses(workdir / "runs_tc" / "ib"))
+    # a method reading feature maps says so and computes them in its step
+    at = launch("recipes.at", *kd[1:], "--out-dir", "runs_tc", "--run-name", "at", cwd=workdir)
+    assert "--teacher-cache not used" in at.stdout
+    assert "teacher_outputs_hits" not in json.loads((workdir / "runs_tc" / "at" / "summary.json").read_text())
+
+
 def test_report_over_runs(workdir):
     proc = launch("recipes.report", str(workdir / "runs_teacher"), "--out", "rep", cwd=workdir)
     assert "| teacher |" in proc.stdout
@@ -181,6 +211,10 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
     assert vals[chosen] == max(vals.values())  # chosen on validation accuracy
     assert {"ce-t0-s0", "ce-t0-s1", "kd-t0-s0", "kd-t1-s0", f"kd-t{chosen}-s1", "ibkd-t0-s0", "ibkd-t1-s0"} <= set(names)
     assert any(n.startswith("ibkd_avg-") and n.endswith("-s1") for n in names)
+    # the teachers' outputs are shared: kd's second entry on seed 0 read what its first one computed
+    kd_t1 = json.loads((out / "kd-t1-s0" / "summary.json").read_text())
+    assert kd_t1["teacher_outputs_misses"] == 0 and kd_t1["teacher_outputs_hits"] > 0
+    assert kd_t1["teacher_outputs_dir"].startswith(str(out / "teacher_outputs"))
     assert (reports / "study.md").is_file()
     launch(*args, cwd=workdir)  # everything finished: reused, nothing new
     assert sorted(d.name for d in out.iterdir()) == names
