@@ -290,7 +290,7 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     elif cfg.teacher_cache:
         shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
                                            "teacher2": (teachers[1], cfg.teacher2_ckpt)},
-                                     splits.description, device, method=recipe)
+                                     splits, device, method=recipe)
         batches = shared.wrap(training_batches(cfg, splits, device))
     for stage, (start, end) in enumerate(stage_boundaries(cfg.epochs, cfg.num_stages)):
         if mbm_train is not None:

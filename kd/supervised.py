@@ -54,7 +54,8 @@ class Extras:
 
 # What a resumed run may change: none of it alters the work already done or the state carried over.
 # More epochs continue on the schedule recomputed for the new total; everything else is refused.
-RESUME_MAY_CHANGE = ("epochs", "log_every", "disable_tqdm", "log.tensorboard", "teacher_cache")
+RESUME_MAY_CHANGE = ("epochs", "log_every", "disable_tqdm", "log.tensorboard", "teacher_cache",
+                     "teacher_cache_max_gb")
 
 
 def resolve_resume(cfg: RunConfig) -> RunConfig:

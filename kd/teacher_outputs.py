@@ -85,7 +85,8 @@ class TeacherOutputs:
     ``hits`` / ``misses`` count batches; ``seconds`` is the time spent computing or reading them."""
 
     def __init__(self, root: str | Path, teachers: dict[str, Net], identity: dict[str, Any], *,
-                 device: torch.device, amp: AmpConfig | None = None, rank: int = 0, write: bool = True):
+                 device: torch.device, amp: AmpConfig | None = None, rank: int = 0, write: bool = True,
+                 max_bytes: float = float("inf"), images_per_run: int = 0):
         self.teachers = teachers
         self.identity = identity
         self.dir = Path(root) / stream_fingerprint(identity)
@@ -95,6 +96,8 @@ class TeacherOutputs:
         self.write = write
         self.hits = self.misses = 0
         self.seconds = 0.0
+        self.max_bytes, self.images_per_run = max_bytes, images_per_run
+        self._size_checked = False
         if write:  # before any training: a directory that cannot be made is an error now, not after an epoch
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,8 @@ class TeacherOutputs:
                     out = self._compute(batch["x"])
                     self.misses += 1
                     missed = True
+                    if not self._size_checked:
+                        self._check_size(out, len(batch["x"]))
                 rows.append({"image_hash": torch.frombuffer(bytearray(digest), dtype=torch.uint8),
                              **{key: value.detach().cpu() for key, value in out.items()}})
                 self.seconds += time.perf_counter() - t0
@@ -149,6 +154,17 @@ class TeacherOutputs:
             if missed and self.write and rows:  # the whole epoch was seen: store it for the next run
                 self._store(epoch, rows)
         return with_outputs
+
+    def _check_size(self, out: dict[str, Tensor], batch_images: int) -> None:
+        """Stop storing (reads go on) when the whole run's outputs would exceed ``max_bytes``."""
+        self._size_checked = True
+        per_image = sum(v.numel() * v.element_size() for v in out.values()) / max(batch_images, 1)
+        total = per_image * self.images_per_run
+        if self.write and total > self.max_bytes:
+            from .run import say
+            self.write = False
+            say(f"teachers' outputs not stored: about {total / 1e9:.1f} GB for this run, above "
+                f"--teacher-cache-max-gb {self.max_bytes / 1e9:g} (raise it to share them)")
 
     def _keys(self) -> list[str]:
         return [batch_key(name, what) for name in self.teachers for what in ("logits", "pooled")]
@@ -168,11 +184,12 @@ class TeacherOutputs:
                 "teacher_outputs_seconds": round(self.seconds, 3), "teacher_outputs_dir": str(self.dir)}
 
 
-def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits_description: str,
+def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits: Any,
                         device: torch.device, *, method: str) -> TeacherOutputs | None:
     """The shared outputs of a run's frozen teachers (``{name: (net, checkpoint path)}``) when
     ``cfg.teacher_cache`` names a directory, else None. ``method`` is named in the one-line notice."""
     from .config import to_dict
+    from .data import steps_per_epoch
     from .distributed import world
     from .run import say
 
@@ -183,10 +200,11 @@ def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits_d
         "teachers": {name: {"arch": net.arch, "sha256": file_sha256(ckpt), "num_classes": net.num_classes}
                      for name, (net, ckpt) in teachers.items()},
         "fold_bn": bool(getattr(cfg, "fold_teacher_bn", False)), "channels_last": cfg.channels_last,
-        "amp": to_dict(cfg.amp), "data": to_dict(cfg.data), "dataset": splits_description, "seed": cfg.seed,
+        "amp": to_dict(cfg.amp), "data": to_dict(cfg.data), "dataset": splits.description, "seed": cfg.seed,
         "rank": w.rank, "world_size": w.size, "device": device.type,
     }
     outputs = TeacherOutputs(cfg.teacher_cache, {name: net for name, (net, _) in teachers.items()}, identity,
-                             device=device, amp=cfg.amp, rank=w.rank)
+                             device=device, amp=cfg.amp, rank=w.rank, max_bytes=cfg.teacher_cache_max_gb * 1e9,
+                             images_per_run=steps_per_epoch(splits, cfg.data) * cfg.data.batch_size * cfg.epochs)
     say(f"{method}: the teachers' outputs are shared through {outputs.dir}")
     return outputs

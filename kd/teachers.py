@@ -66,6 +66,8 @@ class TwoTeachersConfig(RunConfig):
     runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
     afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
     with the feature term) compute them in the step regardless."""
+    teacher_cache_max_gb: float = 10.0
+    """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
 
 
 # SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),

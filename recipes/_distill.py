@@ -39,6 +39,8 @@ class DistillConfig(RunConfig):
     runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
     afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
     with the feature term) compute them in the step regardless."""
+    teacher_cache_max_gb: float = 10.0
+    """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
     label_smoothing: float = 0.0
     """Label smoothing of the student's cross-entropy."""
     grad_clip_norm: float = 0.0
@@ -111,7 +113,7 @@ def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_l
         say(f"{recipe}: --teacher-cache not used (the loss reads the teachers' feature maps, which are not stored)")
     elif cfg.teacher_cache:
         shared = teacher_outputs_for(cfg, {name: (net, specs[name][1]) for name, net in nets.items()},
-                                     splits.description, device, method=recipe)
+                                     splits, device, method=recipe)
     extras = Extras(params=head_params, buffers=head_buffers,
                     frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in nets.items()},
                     summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]},

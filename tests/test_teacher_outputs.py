@@ -109,3 +109,14 @@ def test_a_directory_that_cannot_be_made_is_one_error_before_training(tmp_path):
     taken.write_text("x")
     with pytest.raises(OutputError, match="--teacher-cache"):
         TeacherOutputs(taken, {"teacher": teacher()}, {}, device=DEVICE)
+
+
+def test_outputs_too_large_for_the_limit_are_read_but_not_stored(tmp_path, capsys):
+    nets = {"teacher": teacher()}
+    small = TeacherOutputs(tmp_path, nets, {}, device=DEVICE, max_bytes=1000, images_per_run=4 * 3 * 100)
+    batches = list(small.wrap(stream(0))(0))
+    assert "not stored" in capsys.readouterr().out and not small.path(0).exists()
+    assert all(batch_key("teacher", "logits") in b for b in batches)  # the run itself still gets them
+    roomy = TeacherOutputs(tmp_path, nets, {}, device=DEVICE, max_bytes=1e9, images_per_run=4 * 3 * 100)
+    list(roomy.wrap(stream(0))(0))
+    assert roomy.path(0).exists()
