@@ -84,7 +84,15 @@ def compiling_under_torch_func() -> bool:
     default rules, and our kernel ops have none, so the gradients would be wrong without an error.
     Both checks are answered at trace time, so this adds no guard on tensor values and no sync.
     """
-    return torch.compiler.is_compiling() and torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+    return torch.compiler.is_compiling() and _functorch_depth() > 0
+
+
+@torch.compiler.assume_constant_result
+def _functorch_depth() -> int:
+    """The number of active torch.func transforms, read for real while Dynamo traces: torch 2.11's Dynamo
+    cannot trace this builtin (a graph break, an error under ``fullgraph=True``); called as a constant, it
+    answers at trace time on every version, where the transforms being traced are already entered."""
+    return int(torch._C._functorch.get_dynamic_layer_stack_depth())
 
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:

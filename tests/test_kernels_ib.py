@@ -148,7 +148,7 @@ def test_precision_clamp_value_equals_torch_quantile(shape, q):
     expected = torch.quantile((1 / (torch.exp(logvar) + 1e-6)).float().flatten(), q)
     got = ib.precision_clamp_value(logvar, q)
     assert got.shape == () and got.dtype == torch.float32
-    assert torch.equal(got, expected), (got.item(), expected.item())
+    assert_quantile_equal(got, expected)
 
 
 def test_precision_clamp_value_with_ties_and_half_inputs():
@@ -163,7 +163,17 @@ def test_precision_clamp_value_has_no_gradient_and_default_q():
     logvar = torch.randn(4, 6, device=DEVICE, requires_grad=True)
     value = ib.precision_clamp_value(logvar)
     assert not value.requires_grad
-    assert torch.equal(value, torch.quantile((1 / (torch.exp(logvar.detach()) + 1e-6)).flatten(), 0.99))
+    assert_quantile_equal(value, torch.quantile((1 / (torch.exp(logvar.detach()) + 1e-6)).flatten(), 0.99))
+
+
+def assert_quantile_equal(got, expected):
+    """To the last bit on a CPU. On CUDA torch.quantile rounds its fp32 rank and interpolation differently
+    (seen on an H200, torch 2.11: 97.18061 vs 97.18092 at 65,536 values), so within 1e-5 relative there:
+    a clamp threshold, where that is immaterial."""
+    if got.device.type == "cpu":
+        assert torch.equal(got, expected), (got.item(), expected.item())
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,8 +373,9 @@ def _stage_b_total(z_s, student_logits, mu, logvar, synergy_logits, target_a, ta
 
 
 def _autograd_step(z_s, student_logits, *args):
-    """A compiled step that differentiates with torch.autograd.grad (keeps custom backwards)."""
-    leaves = [z_s.detach().requires_grad_(True), student_logits.detach().requires_grad_(True)]
+    """A compiled step that differentiates with torch.autograd.grad (keeps custom backwards). The leaves
+    arrive requiring grad: torch 2.11 refuses requires_grad_() inside the graph."""
+    leaves = [z_s, student_logits]
     with torch.enable_grad():
         total = _stage_b_total(*leaves, *args)
         grads = torch.autograd.grad(total, leaves)
@@ -380,14 +391,15 @@ def test_triton_inside_torch_compile():
     (ref_z, ref_logits), ref_value = torch.func.grad_and_value(_stage_b_total, argnums=(0, 1))(z_s, student, *args, mbm_noise, "reference")
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(_autograd_step, fullgraph=True)
-        (grad_z, grad_logits), value = compiled(z_s, student, *args, mbm_noise, "triton")
+        z_leaf, student_leaf = z_s.detach().clone().requires_grad_(True), student.detach().clone().requires_grad_(True)
+        (grad_z, grad_logits), value = compiled(z_leaf, student_leaf, *args, mbm_noise, "triton")
         torch.testing.assert_close(value, ref_value, **TOLERANCE[torch.float32])
         torch.testing.assert_close(grad_z, ref_z, **TOLERANCE[torch.float32])
         torch.testing.assert_close(grad_logits, ref_logits, **TOLERANCE[torch.float32])
         # New per-step scalars do not recompile.
         new_scalars = (torch.tensor(0.9, device=DEVICE), torch.tensor(1.5, device=DEVICE))
         with torch._dynamo.config.patch(error_on_recompile=True):
-            _, value = compiled(z_s, student, *args[:5], *new_scalars, mbm_noise, "triton")
+            _, value = compiled(z_leaf, student_leaf, *args[:5], *new_scalars, mbm_noise, "triton")
     expected = _stage_b_total(z_s, student, *args[:5], *new_scalars, mbm_noise, "reference")
     torch.testing.assert_close(value, expected, **TOLERANCE[torch.float32])
 
@@ -455,7 +467,8 @@ def test_compiled_train_step_shapes_on_gpu():
     args = (inputs["mu"], inputs["logvar"], inputs["synergy_logits"], inputs["target_a"], inputs["target_b"], inputs["lam"], inputs["temperature"])
     (ref_z, ref_logits), ref_value = torch.func.grad_and_value(_stage_b_total, argnums=(0, 1))(z_s, student, *args, mbm_noise, "reference")
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        (grad_z, grad_logits), value = torch.compile(_autograd_step, fullgraph=True)(z_s, student, *args, mbm_noise, "triton")
+        leaves = (z_s.detach().clone().requires_grad_(True), student.detach().clone().requires_grad_(True))
+        (grad_z, grad_logits), value = torch.compile(_autograd_step, fullgraph=True)(*leaves, *args, mbm_noise, "triton")
     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_z, ref_z, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grad_logits, ref_logits, rtol=1e-4, atol=1e-7)
