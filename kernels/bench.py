@@ -71,7 +71,10 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 
 def _compiled(fn):
-    # A fresh compile per case: shapes differ between cases, and each should get its own graph.
+    # A fresh compile per case: shapes differ between cases, and each should get its own graph. Dynamo
+    # caches per code object, so without a reset the cases (x dtypes) of one op exhaust its recompile
+    # limit (8) and fullgraph=True turns that into an error (seen on an H200 at the 9th AT case).
+    torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from kd.checkpoint import read_metadata
-from kd.config import ModelConfig, RunConfig
+from kd.config import ModelConfig, RunConfig, resolve_device
 from kd.errors import ConfigError
 from kd.run import say
 
@@ -82,8 +82,9 @@ class CompareConfig(ibkd.IBKDConfig):
     share_teachers: bool = True
     """Compute the frozen teachers' logits and pooled features once per seed and let every later method read
     them (``kd.teacher_outputs``; a run's summary counts its hits and misses): in --teacher-cache, or
-    <out-dir>/teacher_outputs when that is ''. False: every run runs its teachers in its step. AT, FitNet and
-    IB-KD with the feature term read feature maps and always run them."""
+    <out-dir>/teacher_outputs when that is '' and the device is a CPU (on a GPU the teachers' forward is
+    cheaper than reading: shared there only with an explicit --teacher-cache). False: every run runs its
+    teachers in its step. AT, FitNet and IB-KD with the feature term read feature maps and always run them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,10 +118,16 @@ def pick_single_teacher(cfg: CompareConfig) -> tuple[ModelConfig, str]:
 
 
 def shared_outputs(cfg: CompareConfig) -> str:
-    """Where the methods of this comparison share their teachers' outputs ('' = not shared)."""
+    """Where the methods of this comparison share their teachers' outputs ('' = not shared). On a GPU only
+    when --teacher-cache names a directory: there hashing and reading a batch's outputs cost more than the
+    teachers' forward (NVIDIA H200, recipes.bench_teachers: 0.9-1.1x per KD step)."""
     if not cfg.share_teachers:
         return ""
-    return cfg.teacher_cache or str(Path(cfg.out_dir) / "teacher_outputs")
+    if cfg.teacher_cache:
+        return cfg.teacher_cache
+    if resolve_device(cfg.device).type == "cuda":
+        return ""
+    return str(Path(cfg.out_dir) / "teacher_outputs")
 
 
 def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[ModelConfig, str] | None):

@@ -223,3 +223,16 @@ def test_report_two_seeds_mean_std_table_and_banded_plot(tmp_path, monkeypatch):
 def test_mean_curve_over_runs_of_different_length():
     epochs, avg, low, high = report.mean_curve([[(1, 10.0), (2, 20.0)], [(1, 30.0)]])
     assert (epochs, avg, low, high) == ([1, 2], [20.0, 20.0], [10.0, 20.0], [30.0, 20.0])
+
+
+def test_teachers_outputs_are_shared_on_a_cpu_and_only_when_asked_on_a_gpu(monkeypatch):
+    import torch
+
+    cfg = dataclasses.replace(compare.CONFIG, device="cpu", out_dir="runs_x")
+    assert compare.shared_outputs(cfg) == str(Path("runs_x") / "teacher_outputs")
+    assert compare.method_config(cfg, "ibkd", 0, None).teacher_cache == compare.shared_outputs(cfg)
+    assert compare.shared_outputs(dataclasses.replace(cfg, teacher_cache="tc")) == "tc"
+    assert compare.shared_outputs(dataclasses.replace(cfg, share_teachers=False, teacher_cache="tc")) == ""
+    monkeypatch.setattr(compare, "resolve_device", lambda name: torch.device("cuda"))
+    assert compare.shared_outputs(cfg) == ""  # the teachers' forward is cheaper than reading on a GPU
+    assert compare.shared_outputs(dataclasses.replace(cfg, teacher_cache="tc")) == "tc"
