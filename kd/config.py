@@ -157,6 +157,10 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
+# Recipe fields added after runs were saved without them; such a run resumes with their defaults.
+ADDED_FIELDS = frozenset({"teacher_cache", "teacher_cache_max_gb"})
+
+
 def load_run_config(cls: type, run_dir: str | Path) -> Any:
     """The resolved config saved in ``run_dir/config.json``, rebuilt as ``cls``. A folder that is not a run
     directory, an unreadable file, or the run of another recipe is one :class:`ConfigError`."""
@@ -170,10 +174,12 @@ def load_run_config(cls: type, run_dir: str | Path) -> Any:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume: {path} is unreadable ({str(exc).splitlines()[0]})") from None
     recipe = data.pop("recipe", "?")
-    # The recipe's own fields must match; the shared RunConfig fields may have grown since (defaults apply).
+    # The recipe's own fields must match; the shared RunConfig fields may have grown since (defaults apply),
+    # and so may the recipe fields of ADDED_FIELDS (a run saved before they existed lacks them).
     shared = {f.name for f in dataclasses.fields(RunConfig)}
     own = {f.name for f in dataclasses.fields(cls)} - shared
-    if set(data) - shared != own:
+    saved_own = set(data) - shared
+    if saved_own != own and not (saved_own <= own and own - saved_own <= ADDED_FIELDS):
         raise ConfigError(f"cannot resume: {run_dir} is a run of recipes.{recipe}, whose config differs from this "
                           f"recipe's: resume it with python launch.py recipes.{recipe} --resume {run_dir}")
     try:

@@ -62,3 +62,24 @@ def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
     from kd.errors import ConfigError
     with pytest.raises(ConfigError, match="config.json does not exist"):
         ce.run(dataclasses.replace(ce.CONFIG, resume=str(tmp_path / "nope")))
+
+
+def test_a_run_saved_before_a_recipe_field_was_added_still_resumes(tmp_path):
+    """Runs saved before --teacher-cache existed lack it: they resume with its default; another recipe's
+    run (CE's fields are a subset of KD's) is still refused."""
+    import json
+
+    from kd.config import load_run_config, to_dict
+    from kd.errors import ConfigError
+    from recipes import kd as kd_recipe
+
+    old = {**to_dict(kd_recipe.CONFIG), "recipe": "kd"}
+    del old["teacher_cache"], old["teacher_cache_max_gb"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    loaded = load_run_config(kd_recipe.KDConfig, tmp_path / "old")
+    assert loaded.teacher_cache == "" and loaded.temperature == kd_recipe.CONFIG.temperature
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "ce" / "config.json").write_text(json.dumps({**to_dict(ce.CONFIG), "recipe": "ce"}))
+    with pytest.raises(ConfigError, match="recipes.ce"):
+        load_run_config(kd_recipe.KDConfig, tmp_path / "ce")
