@@ -283,15 +283,10 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         say(f"resuming {run.root} after student epoch {info['epoch']}")
 
     eval_fn = compile_step(make_eval_fn(student.eval_skeleton), cfg.compile)
-    shared, batches = None, None
-    if cfg.teacher_cache and cfg.stage_b.gamma > 0:
-        say(f"{recipe}: --teacher-cache not used (the feature term reads the teachers' feature maps, which are not "
-            f"stored)")
-    elif cfg.teacher_cache:
-        shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
-                                           "teacher2": (teachers[1], cfg.teacher2_ckpt)},
-                                     splits, device, method=recipe)
-        batches = shared.wrap(training_batches(cfg, splits, device))
+    shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
+                                       "teacher2": (teachers[1], cfg.teacher2_ckpt)},
+                                 splits, device, method=recipe, maps=cfg.stage_b.gamma > 0)  # the feature term
+    batches = shared.wrap(training_batches(cfg, splits, device)) if shared is not None else None
     for stage, (start, end) in enumerate(stage_boundaries(cfg.epochs, cfg.num_stages)):
         if mbm_train is not None:
             if info["epoch"] <= start:  # stage A of this stage has not been followed by student epochs yet

@@ -185,15 +185,19 @@ class TeacherOutputs:
 
 
 def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits: Any,
-                        device: torch.device, *, method: str) -> TeacherOutputs | None:
+                        device: torch.device, *, method: str, maps: bool = False) -> TeacherOutputs | None:
     """The shared outputs of a run's frozen teachers (``{name: (net, checkpoint path)}``) when
-    ``cfg.teacher_cache`` names a directory, else None. ``method`` is named in the one-line notice."""
+    ``cfg.teacher_cache`` names a directory, else None. ``maps``: the loss reads the teachers' feature maps,
+    which are not stored, so nothing is shared (one line says so). ``method`` is named in the notices."""
     from .config import to_dict
     from .data import steps_per_epoch
     from .distributed import world
     from .run import say
 
     if not cfg.teacher_cache:
+        return None
+    if maps:
+        say(f"{method}: --teacher-cache not used (the loss reads the teachers' feature maps, which are not stored)")
         return None
     w = world()
     identity = {

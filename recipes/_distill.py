@@ -14,7 +14,6 @@ from kd.modeling import Net, build_net
 from kd.optim import OptimConfig
 from kd.step import AmpConfig, apply_model
 from kd.supervised import Extras, prepare, resolve_resume, train_network
-from kd.run import say
 from kd.teacher_outputs import frozen_teacher, teacher_outputs_for
 from kd.teachers import ensure_teacher, load_teacher  # noqa: F401  (re-exported for the recipes)
 
@@ -108,12 +107,8 @@ def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_l
     student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
     total_steps = steps_per_epoch(splits, cfg.data) * cfg.epochs
     loss_fn, head_params, head_buffers = make_loss(cfg, student, nets, device, total_steps)
-    shared = None
-    if cfg.teacher_cache and maps:
-        say(f"{recipe}: --teacher-cache not used (the loss reads the teachers' feature maps, which are not stored)")
-    elif cfg.teacher_cache:
-        shared = teacher_outputs_for(cfg, {name: (net, specs[name][1]) for name, net in nets.items()},
-                                     splits, device, method=recipe)
+    shared = teacher_outputs_for(cfg, {name: (net, specs[name][1]) for name, net in nets.items()}, splits, device,
+                                 method=recipe, maps=maps)
     extras = Extras(params=head_params, buffers=head_buffers,
                     frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in nets.items()},
                     summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]},
