@@ -139,16 +139,17 @@ class TeacherOutputs:
                 t0 = time.perf_counter()
                 digest = image_hash(batch["x"])
                 if hashes is not None and i < len(hashes) and bytes(hashes[i].tolist()) == digest:
-                    out = {key: stored[f"{i}/{key}"].to(self.device, non_blocking=True) for key in self._keys()}
+                    host = {key: stored[f"{i}/{key}"] for key in self._keys()}  # kept as read for a rewrite
+                    out = {key: value.to(self.device, non_blocking=True) for key, value in host.items()}
                     self.hits += 1
                 else:
                     out = self._compute(batch["x"])
+                    host = {key: value.detach().cpu() for key, value in out.items()}
                     self.misses += 1
                     missed = True
                     if not self._size_checked:
                         self._check_size(out, len(batch["x"]))
-                rows.append({"image_hash": torch.frombuffer(bytearray(digest), dtype=torch.uint8),
-                             **{key: value.detach().cpu() for key, value in out.items()}})
+                rows.append({"image_hash": torch.frombuffer(bytearray(digest), dtype=torch.uint8), **host})
                 self.seconds += time.perf_counter() - t0
                 yield {**batch, **out}
             if missed and self.write and rows:  # the whole epoch was seen: store it for the next run
