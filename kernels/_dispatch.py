@@ -48,19 +48,42 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     tl = _TritonMissing()
     HAS_TRITON = False
 
-__all__ = ["BACKENDS", "HAS_TRITON", "LAUNCHES", "count_launch", "interpreting", "resolve_backend", "tl", "triton"]
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "KERNEL_LAUNCHES",
+    "LAUNCHES",
+    "count_launch",
+    "interpreting",
+    "launch",
+    "resolve_backend",
+    "tl",
+    "triton",
+]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "KD_KERNELS"
 
-# Host-side count of Triton launcher calls per op (forward and backward separately). The launchers
-# run outside any traced graph (they are opaque dispatcher ops), so this counts real executions,
-# compiled or eager; tests use it to prove which path a training step took.
+# Host-side count of executions per op (forward and backward separately). The launchers run outside
+# any traced graph (they are opaque dispatcher ops), so this counts real executions, compiled or eager;
+# tests use it to prove which path a training step took. One AT op call serves every stage pair of a
+# loss, and adds the number of pairs it served (so "attention_transfer_pair_forward" still counts pairs).
 LAUNCHES: Counter[str] = Counter()
 
+# Host-side count of Triton kernel launches (``kernel[grid](...)`` calls), keyed by kernel name: what
+# the launch-count tests and the benchmark's "launches per call" read. Torch ops a launcher may issue
+# besides (``torch.empty`` allocations launch nothing) are not Triton launches and are not counted.
+KERNEL_LAUNCHES: Counter[str] = Counter()
 
-def count_launch(op: str) -> None:
-    LAUNCHES[op] += 1
+
+def count_launch(op: str, amount: int = 1) -> None:
+    LAUNCHES[op] += amount
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, counted in :data:`KERNEL_LAUNCHES`."""
+    KERNEL_LAUNCHES[getattr(kernel, "fn", kernel).__name__] += 1
+    kernel[grid](*args, **kwargs)
 
 
 def interpreting() -> bool:

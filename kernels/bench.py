@@ -9,10 +9,25 @@ correctness tool, not something to time). Modes: ``forward`` (no autograd graph)
 Every provider first passes a correctness gate against the eager reference (values and gradients,
 one ``full`` call); a provider that fails is reported as such and not timed. Timings are per call,
 median and p20/p80 over repetitions (CUDA events on a GPU, ``perf_counter`` on CPU). Bandwidth is
-*modelled*: the bytes the op must move at minimum (inputs read once, gradients written once; see
-``_modelled_bytes``), divided by the median time, and compared with a device-to-device copy that
-moves the same number of bytes, measured the same way. Peak-memory delta (CUDA only) is the
-allocator's peak during one call minus what was allocated before it.
+*modelled*: the bytes the op must move at minimum (inputs read once, gradients written once; the
+``MB`` column), divided by the median time, and compared with two baselines that move the same
+number of bytes, measured the same way: a device-to-device copy (half read, half written) and a
+read-only ``sum`` (every byte read once; the roofline of a forward that only reads). Peak-memory
+delta (CUDA only) is the allocator's peak during one call minus what was allocated before it.
+
+On CUDA each measurement has two times (both with the L2 cache flushed before every repetition by
+zeroing a buffer larger than it, untimed, and >= 100 repetitions):
+
+* ``median ms`` -- host-inclusive: events around the eager call, so Python, dispatch and launch
+  overhead count wherever they leave the GPU idle;
+* ``graph ms`` -- the same call captured once in a CUDA graph and replayed: GPU time without host
+  overhead. The backward mode captures the backward alone (``retain_graph=True`` over one recorded
+  forward). A provider that cannot be captured (a host sync, a compiled backward that frees its
+  buffers) gets an empty cell and the reason in ``graph_note`` (CSV).
+
+``launches`` is the number of Triton launches of the project's kernels in one call
+(:data:`kernels.KERNEL_LAUNCHES`; empty for the eager and compiled references, whose kernels are
+torch's and Inductor's). On CPU neither the graph time nor the flush exist; the CPU mode is unchanged.
 
 Output: a Markdown table on stdout; with ``--out DIR`` also ``DIR/bench.csv`` (one row per
 measurement, with device, torch/triton versions and date) and ``DIR/bench.md``.
@@ -36,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import at, ib, reference
-from ._dispatch import HAS_TRITON
+from ._dispatch import HAS_TRITON, KERNEL_LAUNCHES
 
 PROVIDERS = ("eager", "compile", "triton")
 MODES = ("forward", "backward", "full")
@@ -197,6 +212,9 @@ def full_cases() -> list[Case]:
         _at_case("imagenet stage2", [(64, 512, 28, 28)], [(64, 512, 28, 28)]),  # 103 MB fp32 each
         _at_case("imagenet stage1", [(64, 256, 56, 56)], [(64, 256, 56, 56)], channels_last=True),
         _at_case("imagenet pooled 56->28", [(64, 256, 56, 56)], [(64, 512, 28, 28)]),
+        # small maps, wide teacher: N x P alone gives few programs (the channel split's case)
+        _at_case("8x8 wide teacher", [(64, 256, 8, 8)], [(64, 2048, 8, 8)]),
+        _at_case("32x32 N256", [(256, 256, 32, 32)], [(256, 256, 32, 32)]),  # 268 MB fp32 each
         _ib_student_case("cifar100 (target)", 128, 512, 100),
         _ib_student_case("small", 128, 128, 10),
         _ib_student_case("large batch", 1024, 512, 100),
@@ -227,6 +245,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CUDA_MIN_REPS = 100  # repetitions per CUDA measurement, at least
+_L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100/H200: 50 MB)
+_flush_buffers: dict[str, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    """Evict the L2 cache (CUDA only): zero a buffer larger than it. Call it outside the timed region."""
+    if device.type != "cuda":
+        return
+    key = str(device)
+    if key not in _flush_buffers:
+        _flush_buffers[key] = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    _flush_buffers[key].zero_()
+
+
 def _time_calls(
     fn: Callable[[object], object],
     device: torch.device,
@@ -235,7 +268,13 @@ def _time_calls(
     max_reps: int,
     setup: Callable[[], object] = lambda: None,
 ) -> list[float]:
-    """Per-call times of ``fn(setup())`` in ms, ``setup`` untimed; repetitions fill about ``budget_s``."""
+    """Per-call times of ``fn(setup())`` in ms, ``setup`` untimed; repetitions fill about ``budget_s``.
+
+    On CUDA at least :data:`CUDA_MIN_REPS` repetitions, each after an (untimed) L2 flush.
+    """
+    if device.type == "cuda":
+        min_reps = max(min_reps, CUDA_MIN_REPS)
+        max_reps = max(max_reps, min_reps)
     for _ in range(3):
         fn(setup())
     _synchronize(device)
@@ -252,6 +291,7 @@ def _time_calls(
         # Events are recorded in stream order, so the untimed setup's kernels finish before `begin`.
         for _ in range(reps):
             state = setup()
+            _flush_l2(device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn(state)
@@ -269,6 +309,52 @@ def _time_calls(
     return times
 
 
+def _graph_times(
+    fn: Callable[[object], object], setup: Callable[[], object], device: torch.device, reps: int
+) -> tuple[list[float] | None, str]:
+    """Per-replay times (ms) of ``fn(setup())`` captured once in a CUDA graph, L2 flushed before each
+    replay; ``(None, reason)`` off CUDA or when the call cannot be captured."""
+    if device.type != "cuda":
+        return None, "no CUDA"
+    try:
+        state = setup()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                fn(state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(state)
+        torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - any capture failure is reported, not fatal
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - a failed capture may leave an error behind; report the first
+            pass
+        return None, f"not capturable: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    times = []
+    for _ in range(max(reps, CUDA_MIN_REPS)):
+        _flush_l2(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    del graph, state
+    return times, ""
+
+
+def _launches_per_call(fn: Callable[[object], object], setup: Callable[[], object]) -> int:
+    """Triton launches of the project's kernels in one ``fn(setup())`` (setup not counted)."""
+    state = setup()
+    before = KERNEL_LAUNCHES.copy()
+    fn(state)
+    return sum((KERNEL_LAUNCHES - before).values())
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     position = q * (len(ordered) - 1)
@@ -277,6 +363,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 _copy_cache: dict[tuple[str, int], float] = {}
+_sum_cache: dict[tuple[str, int], float] = {}
 
 
 def _copy_ms(device: torch.device, moved_bytes: int, budget_s: float) -> float:
@@ -289,6 +376,17 @@ def _copy_ms(device: torch.device, moved_bytes: int, budget_s: float) -> float:
         _copy_cache[key] = statistics.median(times)
         del source, destination
     return _copy_cache[key]
+
+
+def _sum_ms(device: torch.device, moved_bytes: int, budget_s: float) -> float:
+    """Median time of a read-only ``sum`` over ``moved_bytes`` of fp32 (every byte read once)."""
+    key = (str(device), moved_bytes)
+    if key not in _sum_cache:
+        source = torch.ones(max(moved_bytes // 4, 1), dtype=torch.float32, device=device)
+        times = _time_calls(lambda _: source.sum(), device, budget_s, 5, 1000)
+        _sum_cache[key] = statistics.median(times)
+        del source
+    return _sum_cache[key]
 
 
 def _peak_delta_mb(fn, setup, device: torch.device) -> float | None:
@@ -354,15 +452,28 @@ class Row:
     p20_ms: float | None = None
     p80_ms: float | None = None
     modelled_bytes: int = 0
+    mb_moved: float | None = None  # modelled bytes / 1e6
     gbps: float | None = None
     copy_gbps: float | None = None
     pct_of_copy: float | None = None
+    sum_gbps: float | None = None  # the read-only baseline
+    pct_of_sum: float | None = None
     speedup_vs_eager: float | None = None
     peak_mem_delta_mb: float | None = None
+    graph_median_ms: float | None = None  # CUDA-graph replay (CUDA only)
+    graph_p20_ms: float | None = None
+    graph_p80_ms: float | None = None
+    graph_gbps: float | None = None
+    graph_note: str = ""
+    launches_per_call: int | None = None  # Triton launches of the project's kernels (triton provider)
 
 
-def _mode_thunk(problem: Problem, provider: str, mode: str):
-    """(setup, fn) for one mode: ``fn(setup())`` is what gets timed, ``setup`` is not."""
+def _mode_thunk(problem: Problem, provider: str, mode: str, retain_graph: bool = False):
+    """(setup, fn) for one mode: ``fn(setup())`` is what gets timed, ``setup`` is not.
+
+    ``retain_graph``: the backward keeps its autograd graph, so one recorded forward can be
+    differentiated again (what a CUDA-graph capture of the backward alone needs).
+    """
     forward = problem.call[provider]
     leaves, grad_outputs = problem.leaves, problem.grad_outputs
     if mode == "forward":
@@ -376,7 +487,9 @@ def _mode_thunk(problem: Problem, provider: str, mode: str):
         return (lambda: None), (lambda _: torch.autograd.grad(forward(), leaves, grad_outputs, allow_unused=True))
     # backward: a fresh graph per call (untimed), then only its backward is timed. Compiled
     # backwards donate their buffers, so one graph cannot be replayed with retain_graph.
-    return forward, (lambda outputs: torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True))
+    return forward, (
+        lambda outputs: torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True, retain_graph=retain_graph)
+    )
 
 
 def run(
@@ -387,6 +500,7 @@ def run(
     device: torch.device,
     budget_s: float,
     log=print,
+    cudagraph: bool = True,
 ) -> list[Row]:
     rows: list[Row] = []
     for case in cases:
@@ -410,17 +524,32 @@ def run(
                     row.median_ms = statistics.median(times)
                     row.p20_ms, row.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
                     row.modelled_bytes = problem.bytes_by_mode[mode]
+                    row.mb_moved = row.modelled_bytes / 1e6
                     row.gbps = row.modelled_bytes / (row.median_ms * 1e-3) / 1e9
                     copy_ms = _copy_ms(device, row.modelled_bytes, budget_s / 2)
                     row.copy_gbps = row.modelled_bytes / (copy_ms * 1e-3) / 1e9
                     row.pct_of_copy = 100.0 * row.gbps / row.copy_gbps
+                    sum_ms = _sum_ms(device, row.modelled_bytes, budget_s / 2)
+                    row.sum_gbps = row.modelled_bytes / (sum_ms * 1e-3) / 1e9
+                    row.pct_of_sum = 100.0 * row.gbps / row.sum_gbps
                     row.peak_mem_delta_mb = _peak_delta_mb(thunk, setup, device)
+                    if provider == "triton":
+                        row.launches_per_call = _launches_per_call(thunk, setup)
+                    if cudagraph and device.type == "cuda":
+                        graph_setup, graph_thunk = _mode_thunk(problem, provider, mode, retain_graph=True)
+                        graph_times, row.graph_note = _graph_times(graph_thunk, graph_setup, device, len(times))
+                        if graph_times:
+                            row.graph_median_ms = statistics.median(graph_times)
+                            row.graph_p20_ms, row.graph_p80_ms = _quantile(graph_times, 0.2), _quantile(graph_times, 0.8)
+                            row.graph_gbps = row.modelled_bytes / (row.graph_median_ms * 1e-3) / 1e9
+                        del graph_setup, graph_thunk
                     if provider == "eager":
                         eager_ms[mode] = row.median_ms
                     if mode in eager_ms:
                         row.speedup_vs_eager = eager_ms[mode] / row.median_ms
                     del setup, thunk
-                    log(f"  {case.op:10s} {case.name:24s} {dtype_name} {mode:8s} {provider:7s} {row.median_ms:9.3f} ms  check {row.check}")
+                    graph = f" graph {row.graph_median_ms:9.3f} ms" if row.graph_median_ms is not None else ""
+                    log(f"  {case.op:10s} {case.name:24s} {dtype_name} {mode:8s} {provider:7s} {row.median_ms:9.3f} ms{graph}  check {row.check}")
             del problem
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -432,13 +561,18 @@ def _fmt(value, spec):
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    header = "| op | case | shape | dtype | mode | provider | median ms | p20 ms | p80 ms | GB/s (modelled) | % of copy | x eager | peak MB | check |"
+    header = (
+        "| op | case | shape | dtype | mode | provider | median ms | p20 ms | p80 ms | graph ms | MB | GB/s (modelled) "
+        "| graph GB/s | % of copy | % of sum | launches | x eager | peak MB | check |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.op} | {r.case} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
-            f"{_fmt(r.p20_ms, '.3f')} | {_fmt(r.p80_ms, '.3f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.pct_of_copy, '.0f')} | "
-            f"{_fmt(r.speedup_vs_eager, '.2f')} | {_fmt(r.peak_mem_delta_mb, '.1f')} | {r.check} ({r.max_rel_err:.1e}) |"
+            f"{_fmt(r.p20_ms, '.3f')} | {_fmt(r.p80_ms, '.3f')} | {_fmt(r.graph_median_ms, '.3f')} | {_fmt(r.mb_moved, '.2f')} | "
+            f"{_fmt(r.gbps, '.1f')} | {_fmt(r.graph_gbps, '.1f')} | {_fmt(r.pct_of_copy, '.0f')} | {_fmt(r.pct_of_sum, '.0f')} | "
+            f"{_fmt(r.launches_per_call, 'd')} | {_fmt(r.speedup_vs_eager, '.2f')} | {_fmt(r.peak_mem_delta_mb, '.1f')} | "
+            f"{r.check} ({r.max_rel_err:.1e}) |"
         )
     return "\n".join(lines)
 
@@ -481,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=None, help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CUDA; fp32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
+    parser.add_argument("--no-cudagraph", action="store_true", help="skip the CUDA-graph replay timings (CUDA only)")
     parser.add_argument(
         "--cpu-threads", type=int, default=1,
         help="torch threads for a CPU run (default 1: on a shared CPU, OpenMP barrier waits behind other "
@@ -506,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     env = environment(device)
     print(f"kernels.bench on {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}", flush=True)
-    rows = run(cases, providers, modes, dtypes, device, budget_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = run(cases, providers, modes, dtypes, device, budget_s, log=lambda line: print(line, file=sys.stderr, flush=True),
+               cudagraph=not args.no_cudagraph)
     table = markdown_table(rows)
     print(table)
     if args.out:

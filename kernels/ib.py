@@ -32,6 +32,11 @@ t = synergy (length K), temperature T, mixing weight lam and label smoothing e:
 
 Each row writes its four partials already divided by N (so ``ang``'s partial is (1 - cos_n)/N);
 one ``sum`` over rows gives the batch means without a host sync and deterministically (no atomics).
+That sum is not part of the op: the op returns the (N, 4) partials and :func:`ib_student_loss` sums
+them with a torch op, so under ``torch.compile`` Inductor fuses the sum into the kernel that combines
+the four terms into the loss (which the caller's graph has anyway), and the op is exactly one Triton
+launch each way. The backward takes the partials' upstream gradient through its strides (the sum's
+gradient is a stride-0 broadcast of the terms' gradients; nothing is materialised).
 
 Why the backward recomputes instead of storing per-term gradients: storing d(mse)/dz, d(ang)/dz,
 d(kd)/ds and d(ce)/ds in the forward would write 2NZ + 2NK extra values and read them back, and
@@ -55,7 +60,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import count_launch, resolve_backend, tl, triton
+from ._dispatch import count_launch, launch, resolve_backend, tl, triton
 from .reference import COSINE_EPS, NORMALIZE_EPS, PRECISION_EPS, accumulation_dtype, precision_clamp_value
 
 __all__ = ["ib_reparam_kl", "precision_clamp_value", "ib_student_loss"]
@@ -247,7 +252,7 @@ def _student_loss_backward_kernel(
     lam_ptr,
     temperature_ptr,
     stats_ptr,  # (N, 6) from the forward
-    grad_terms_ptr,  # (4,) upstream gradients of (mse, ang, kd, ce)
+    grad_partials_ptr,  # (N, 4) upstream gradients of the partials, any strides (usually (0, 1))
     grad_z_ptr,  # (N, Z) out, z_s's dtype, contiguous
     grad_student_ptr,  # (N, K) out, student's dtype, contiguous
     latent_dim,
@@ -257,6 +262,8 @@ def _student_loss_backward_kernel(
     logvar_stride,
     student_stride,
     synergy_stride,
+    grad_row_stride,
+    grad_term_stride,
     inv_rows,
     label_smoothing,
     precision_eps,
@@ -274,10 +281,11 @@ def _student_loss_backward_kernel(
     lse_st = tl.load(stats + 3)
     lse_tt = tl.load(stats + 4)
     lse_s1 = tl.load(stats + 5)
-    grad_mse = tl.load(grad_terms_ptr + 0).to(ACC) * inv_rows
-    grad_ang = tl.load(grad_terms_ptr + 1).to(ACC) * inv_rows
-    grad_kd = tl.load(grad_terms_ptr + 2).to(ACC) * inv_rows
-    grad_ce = tl.load(grad_terms_ptr + 3).to(ACC) * inv_rows
+    grad_row = grad_partials_ptr + row * grad_row_stride
+    grad_mse = tl.load(grad_row).to(ACC) * inv_rows
+    grad_ang = tl.load(grad_row + grad_term_stride).to(ACC) * inv_rows
+    grad_kd = tl.load(grad_row + 2 * grad_term_stride).to(ACC) * inv_rows
+    grad_ce = tl.load(grad_row + 3 * grad_term_stride).to(ACC) * inv_rows
     # --- d z_s ----------------------------------------------------------------------------------
     dims = tl.arange(0, BLOCK_Z)
     dim_mask = dims < latent_dim
@@ -337,7 +345,7 @@ def _reparam_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor
     z = torch.empty((rows, latent_dim), device=mu.device, dtype=mu.dtype)
     kl = torch.empty((rows,), device=mu.device, dtype=acc)
     block = min(triton.next_power_of_2(latent_dim), 4096)
-    _reparam_kl_forward_kernel[(rows,)](
+    launch(_reparam_kl_forward_kernel, (rows,),
         mu, logvar, eps, z, kl, latent_dim, mu.stride(0), logvar.stride(0), eps.stride(0),
         ACC=_acc_dtype_tl(acc), BLOCK_Z=block, num_warps=_row_warps(block),
     )  # fmt: skip
@@ -352,7 +360,7 @@ def _reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl) -> tuple[Tensor, Tens
     grad_z = grad_z.contiguous() if grad_z is not None else None
     grad_kl = grad_kl.contiguous() if grad_kl is not None else None
     block = min(triton.next_power_of_2(latent_dim), 1024)
-    _reparam_kl_backward_kernel[(rows, triton.cdiv(latent_dim, block))](
+    launch(_reparam_kl_backward_kernel, (rows, triton.cdiv(latent_dim, block)),
         mu, logvar, eps,
         grad_z if grad_z is not None else mu,  # placeholder pointer, never read
         grad_kl if grad_kl is not None else mu,
@@ -376,30 +384,31 @@ def _student_loss_forward(z_s, mu, logvar, precision_max, student_logits, synerg
     partials = torch.empty((rows, 4), device=z_s.device, dtype=acc)
     stats = torch.empty((rows, _STATS), device=z_s.device, dtype=acc)
     block_z, block_k = triton.next_power_of_2(latent_dim), triton.next_power_of_2(classes)
-    _student_loss_forward_kernel[(rows,)](
+    launch(_student_loss_forward_kernel, (rows,),
         z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature,
         partials, stats, latent_dim, classes,
         z_s.stride(0), mu.stride(0), logvar.stride(0), student_logits.stride(0), synergy_logits.stride(0),
         1.0 / rows, float(label_smoothing), PRECISION_EPS, NORMALIZE_EPS, COSINE_EPS,
         ACC=_acc_dtype_tl(acc), BLOCK_Z=block_z, BLOCK_K=block_k, num_warps=_row_warps(max(block_z, block_k)),
     )  # fmt: skip
-    return partials.sum(0), stats
+    return partials, stats
 
 
 def _student_loss_backward(
-    grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing
+    grad_partials, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing
 ):
     count_launch("ib_student_loss_backward")
     rows, latent_dim = z_s.shape
-    grad_terms = grad_terms.contiguous()
+    grad_partials = grad_partials.expand(rows, 4)  # a view: (4,) or (N, 4), read through its strides
     classes = student_logits.shape[1]
     grad_z = torch.empty((rows, latent_dim), device=z_s.device, dtype=z_s.dtype)
     grad_student = torch.empty((rows, classes), device=z_s.device, dtype=student_logits.dtype)
     block_z, block_k = triton.next_power_of_2(latent_dim), triton.next_power_of_2(classes)
-    _student_loss_backward_kernel[(rows,)](
+    launch(_student_loss_backward_kernel, (rows,),
         z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature,
-        stats, grad_terms, grad_z, grad_student, latent_dim, classes,
+        stats, grad_partials, grad_z, grad_student, latent_dim, classes,
         z_s.stride(0), mu.stride(0), logvar.stride(0), student_logits.stride(0), synergy_logits.stride(0),
+        grad_partials.stride(0), grad_partials.stride(1),
         1.0 / rows, float(label_smoothing), PRECISION_EPS, NORMALIZE_EPS, COSINE_EPS,
         ACC=_acc_dtype_tl(stats.dtype), BLOCK_Z=block_z, BLOCK_K=block_k, num_warps=_row_warps(max(block_z, block_k)),
     )  # fmt: skip
@@ -424,7 +433,7 @@ _STUDENT_ARGS = (
     "Tensor target_a, Tensor target_b, Tensor lam, Tensor temperature, float label_smoothing"
 )
 _LIBRARY.define(f"ib_student_loss_forward({_STUDENT_ARGS}) -> (Tensor, Tensor)")
-_LIBRARY.define(f"ib_student_loss_backward(Tensor grad_terms, Tensor stats, {_STUDENT_ARGS}) -> (Tensor, Tensor)")
+_LIBRARY.define(f"ib_student_loss_backward(Tensor grad_partials, Tensor stats, {_STUDENT_ARGS}) -> (Tensor, Tensor)")
 _LIBRARY.impl("ib_reparam_kl_forward", _reparam_kl_forward, "CompositeExplicitAutograd")
 _LIBRARY.impl("ib_reparam_kl_backward", _reparam_kl_backward, "CompositeExplicitAutograd")
 _LIBRARY.impl("ib_student_loss_forward", _student_loss_forward, "CompositeExplicitAutograd")
@@ -446,11 +455,11 @@ def _(mu, logvar, eps, grad_z, grad_kl):
 @torch.library.register_fake("asmb_kd::ib_student_loss_forward", lib=_LIBRARY)
 def _(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
     acc = accumulation_dtype(z_s, mu, student_logits, synergy_logits)
-    return z_s.new_empty((4,), dtype=acc), z_s.new_empty((z_s.shape[0], _STATS), dtype=acc)
+    return z_s.new_empty((z_s.shape[0], 4), dtype=acc), z_s.new_empty((z_s.shape[0], _STATS), dtype=acc)
 
 
 @torch.library.register_fake("asmb_kd::ib_student_loss_backward", lib=_LIBRARY)
-def _(grad_terms, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
+def _(grad_partials, stats, z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
     return (
         torch.empty_like(z_s, memory_format=torch.contiguous_format),
         torch.empty_like(student_logits, memory_format=torch.contiguous_format),
@@ -465,10 +474,11 @@ class _ReparamKL(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None):
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) or (grad_z is None and grad_kl is None):
             return None, None, None
         mu, logvar, eps = ctx.saved_tensors
         grad_mu, grad_logvar = torch.ops.asmb_kd.ib_reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl)
@@ -476,7 +486,7 @@ class _ReparamKL(torch.autograd.Function):
 
 
 class _StudentLoss(torch.autograd.Function):
-    """Returns ``(terms (4,), stats (N, 6))``; ``stats`` only carries row statistics to the backward."""
+    """Returns ``(partials (N, 4), stats (N, 6))``; ``stats`` only carries row statistics to the backward."""
 
     @staticmethod
     def forward(z_s, mu, logvar, precision_max, student_logits, synergy_logits, target_a, target_b, lam, temperature, label_smoothing):
@@ -491,14 +501,15 @@ class _StudentLoss(torch.autograd.Function):
         ctx.save_for_backward(stats, *tensors)
         ctx.label_smoothing = label_smoothing
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled (N, 6) gradient for stats: it arrives as None
 
     @staticmethod
-    def backward(ctx, grad_terms: Tensor | None, _grad_stats: Tensor | None):
+    def backward(ctx, grad_partials: Tensor | None, _grad_stats: Tensor | None):
         needs_z, needs_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-        if grad_terms is None or not (needs_z or needs_logits):
+        if grad_partials is None or not (needs_z or needs_logits):
             return (None,) * 11
         stats, *tensors = ctx.saved_tensors
-        grad_z, grad_student = torch.ops.asmb_kd.ib_student_loss_backward(grad_terms, stats, *tensors, ctx.label_smoothing)
+        grad_z, grad_student = torch.ops.asmb_kd.ib_student_loss_backward(grad_partials, stats, *tensors, ctx.label_smoothing)
         return (grad_z if needs_z else None, None, None, None, grad_student if needs_logits else None) + (None,) * 6
 
 
@@ -562,10 +573,10 @@ def ib_student_loss(
         chosen = "reference"
     if chosen == "reference":
         return reference.ib_student_loss(*args, label_smoothing=label_smoothing)
-    terms, _stats = _StudentLoss.apply(
+    partials, _stats = _StudentLoss.apply(
         _row_major(z_s), _row_major(mu.detach()), _row_major(logvar.detach()), precision_max.detach(),
         _row_major(student_logits), _row_major(synergy_logits.detach()),
         target_a.contiguous(), target_b.contiguous(), lam.detach(), temperature.detach(), float(label_smoothing),
     )  # fmt: skip
-    mse, ang, kd, ce = terms.unbind(0)
+    mse, ang, kd, ce = partials.sum(0).unbind(0)  # a torch op: fused with the terms' combination when compiled
     return mse, ang, kd, ce

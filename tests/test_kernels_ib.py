@@ -17,7 +17,7 @@ import math
 import pytest
 import torch.nn.functional as F
 
-from kernels import ib, reference
+from kernels import KERNEL_LAUNCHES, ib, reference
 from kernels._dispatch import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,6 +291,25 @@ def test_student_loss_each_term_alone(term):
     torch.testing.assert_close(z_grad, ref_grads["z_s"], **TOLERANCE[torch.float32])
     torch.testing.assert_close(logit_grad, ref_grads["student_logits"], **TOLERANCE[torch.float32])
     torch.testing.assert_close(grads["z_s"], ref_grads["z_s"], **TOLERANCE[torch.float32])
+
+
+def test_student_loss_is_one_launch_each_way():
+    """The op is one Triton launch forward and one backward; the row partials' sum is a torch op outside it
+    (fused by Inductor under torch.compile), and each upstream gradient still reaches its own term."""
+    inputs = _student_inputs(5, 9, 7, seed=4)
+    grad_outputs = [0.3, -1.1, 2.0, 0.7]
+    before = KERNEL_LAUNCHES.copy()
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in inputs.items()}
+    terms = _triton_student_loss(**leaves, label_smoothing=0.1)
+    middle = KERNEL_LAUNCHES.copy()
+    torch.autograd.backward(terms, [torch.tensor(g, device=DEVICE) for g in grad_outputs])
+    forward, backward = dict(middle - before), dict(KERNEL_LAUNCHES - middle)
+    assert forward == {"_student_loss_forward_kernel": 1}
+    assert backward == {"_student_loss_backward_kernel": 1}
+    ref_terms, ref_grads = _student_terms_and_grads(reference.ib_student_loss, inputs, grad_outputs, 0.1)
+    torch.testing.assert_close(torch.stack([t.detach() for t in terms]), ref_terms, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(leaves["z_s"].grad, ref_grads["z_s"], **TOLERANCE[torch.float32])
+    torch.testing.assert_close(leaves["student_logits"].grad, ref_grads["student_logits"], **TOLERANCE[torch.float32])
 
 
 def test_student_loss_lam_weighs_the_two_targets():
