@@ -12,13 +12,18 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+RANK_ERROR_WAIT_S = 10.0
 
 
 def list_recipes() -> list[tuple[str, str]]:
@@ -69,11 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from kd import distributed
-    from kd.errors import ENVIRONMENT_ERRNOS, KDError, describe_os_error
+    from kd.errors import ENVIRONMENT_ERRNOS, ConfigError, KDError, describe_os_error
+    from kd.run import interrupted_advice
 
     try:
         return int(module.main(rest, prog=f"launch.py {name}") or 0)
     except KDError as exc:
+        rank = int(os.environ.get("RANK", "0"))
+        if isinstance(exc, ConfigError) and rank != 0:
+            # A bad config is refused alike by every rank of a torchrun job, and rank 0 says so: torchrun ends
+            # this rank while it waits. Only an error of this rank alone outlives the wait and is printed.
+            time.sleep(RANK_ERROR_WAIT_S)
+            print(f"error: [rank {rank}] {one_line(str(exc))}", file=sys.stderr)
+            return 1
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -84,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(describe_os_error(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the last epoch's checkpoint is in the run directory (resume with --resume RUN_DIR)",
-              file=sys.stderr)
+        print(f"interrupted: {interrupted_advice()}", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()  # leave a torchrun process group cleanly (no-op otherwise)

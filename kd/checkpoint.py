@@ -8,6 +8,7 @@ Loading checks the file and the metadata and fails with one line naming the file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +33,15 @@ def code_version() -> str:
 def _as_storable(t: torch.Tensor) -> torch.Tensor:
     # safetensors refuses shared storage and non-contiguous tensors; a clone is cheap beside a disk write.
     return t.detach().to("cpu").contiguous().clone()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (what identifies a teacher checkpoint across runs and resumes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -73,9 +83,15 @@ def save_checkpoint(path: str | os.PathLike, tree: T.Tree, metadata: dict[str, A
 KINDS = {"weights": "model weights", "train_state": "a training-state checkpoint", "mbm": "an MBM checkpoint"}
 
 
-def _read(path: Path) -> bytes:
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (give the .safetensors file itself)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _read(path: Path) -> bytes:
+    _check_is_file(path)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -86,9 +102,11 @@ def _header(path: Path, raw: bytes) -> dict[str, str]:
     """The string metadata of an asmb-kd checkpoint, checked for the format tag."""
     try:
         header_len = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 or len(raw) < 8 + header_len:
+            raise ValueError(f"its header length ({header_len:,} bytes) exceeds the file")
         header = json.loads(raw[8:8 + header_len])
-        if not isinstance(header, dict) or len(raw) < 8 + header_len:
-            raise ValueError("header cut short")
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
     except Exception as exc:  # a short file, a bad length, a header that is not JSON
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -101,12 +119,14 @@ def _header(path: Path, raw: bytes) -> dict[str, str]:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata alone (reads the header, not the tensors)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _check_is_file(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
-            raw = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+            # Trust no length read from disk: a header longer than the file is corruption, not a read size.
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            raw = head + f.read(length) if 0 < length <= size - 8 else head
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {(exc.strerror or type(exc).__name__).lower()}") from None
     return _header(path, raw)

@@ -48,6 +48,9 @@ class LogConfig:
     pip install -e '.[tensorboard]')."""
 
 
+MAX_EPOCHS = 100_000  # a bound far above any real run, so that a typo is an error rather than an overflow
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Fields every training recipe has: data, optimizer, precision, budget and bookkeeping."""
@@ -64,6 +67,9 @@ class RunConfig:
     """Seed of the split, the data order, the augmentation and the initialisation."""
     compile: bool = True
     """Compile the whole train step with torch.compile (one graph)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode of the train and eval steps: 'reduce-overhead' replays the whole step as a CUDA graph
+    (CUDA only), 'max-autotune' also autotunes Inductor's kernels (longer compile)."""
     kernels: Literal["auto", "triton", "reference"] = "auto"
     """Loss kernels (AT, IB): 'auto' = the fused Triton kernels on CUDA tensors and the pure-torch
     reference elsewhere; 'triton' always (on a CPU only under TRITON_INTERPRET=1); 'reference' never.
@@ -89,10 +95,19 @@ class RunConfig:
     (upwards), --log-every, --disable-tqdm and --log.tensorboard may be changed alongside."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise ConfigError(f"--epochs must be in 1..{MAX_EPOCHS:,}, got {self.epochs}")
         if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in 0..2**32-1, got {self.seed}")
+        if self.run_name and (self.run_name in (".", "..") or any(sep in self.run_name for sep in ("/", "\\", "\0"))):
+            raise ConfigError(f"--run-name {self.run_name!r} must be a plain folder name (no '/', not '.' or '..'): "
+                              f"the run directory is --out-dir/--run-name, choose the parent with --out-dir")
+        # Every method's CE has a label_smoothing field (0 = one-hot targets, 1 = uniform targets: nothing to learn).
+        smoothing = getattr(self, "label_smoothing", 0.0)
+        if not (isinstance(smoothing, (int, float)) and 0.0 <= smoothing < 1.0):
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {smoothing}")
 
 
 DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -184,7 +199,7 @@ def load_run_config(cls: type, run_dir: str | Path) -> Any:
                           f"recipe's: resume it with python launch.py recipes.{recipe} --resume {run_dir}")
     try:
         return from_dict(cls, data)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ConfigError) as exc:
         raise ConfigError(f"cannot resume: {path} holds an invalid config ({str(exc).splitlines()[0]})") from None
 
 
@@ -219,11 +234,48 @@ def fit_models_to_images(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def check_compile_mode(cfg: Any, device: torch.device) -> None:
+    """A ``--compile-mode`` that cannot apply is one :class:`ConfigError` before any work."""
+    if cfg.compile_mode == "default":
+        return
+    if not cfg.compile:
+        raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile True")
+    if cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"--compile-mode reduce-overhead replays CUDA graphs, which need a CUDA device (this run is "
+                          f"on {device.type}): use --compile-mode default or max-autotune")
+
+
+def compile_mode(cfg: Any) -> str | None:
+    """The ``mode`` argument of torch.compile for this run (None = torch's default)."""
+    return None if cfg.compile_mode == "default" else cfg.compile_mode
+
+
+def short_warmup_warning(cfg: Any) -> str | None:
+    """The one-line warning for a warm-up that outlasts the run (the learning rate never reaches its peak),
+    or None. A run prints it when it starts training (see :class:`kd.run.Run`), not before its checks."""
+    optim = getattr(cfg, "optim", None)
+    if optim is None or optim.warmup_epochs <= cfg.epochs:
+        return None
+    return (f"warning: --optim.warmup-epochs {optim.warmup_epochs:g} is longer than the run's {cfg.epochs} epochs, so "
+            f"the learning rate never reaches --optim.lr {optim.lr:g} (at most {cfg.epochs / optim.warmup_epochs:.0%} "
+            f"of it); lower --optim.warmup-epochs or raise --epochs")
+
+
 def setup(cfg: Any) -> tuple[Any, torch.device]:
     """Before any work: the models' stems for the image size, the device, the final kernels choice, and
     (under torchrun) joining the process group."""
     cfg = fit_models_to_images(cfg)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:  # before the process group forms: every rank refuses alike and rank 0 alone says so
+        batches = {"--data.batch-size": cfg.data.batch_size}
+        if hasattr(cfg, "stage_a"):
+            batches["--stage-a.batch-size"] = cfg.stage_a.batch_size
+        for flag, size in batches.items():
+            if size % ranks:
+                raise ConfigError(f"{flag} {size} is the global batch and must be divisible by the {ranks} ranks "
+                                  f"of this torchrun job (e.g. {max(ranks, size // ranks * ranks)})")
     device = resolve_device(cfg.device)
+    check_compile_mode(cfg, device)
     cfg = resolve_kernels(cfg, device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)

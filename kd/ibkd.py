@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference as kernel_reference
 
+from .errors import ConfigError
 from .losses import clip_threshold, feature_alignment, kd_ramp, latent_weight, lerp, progress
 from .mbm import MBM, MBMConfig
 from .modeling import Net
@@ -118,9 +119,9 @@ class IBKDConfig(TwoTeachersConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_stages < 1 or self.num_stages > self.epochs:
-            raise ValueError(f"num_stages must be in [1, epochs], got {self.num_stages}")
+            raise ConfigError(f"num_stages must be in [1, epochs], got {self.num_stages}")
         if self.stage_a.cache_views < 1:
-            raise ValueError(f"stage_a.cache_views must be >= 1, got {self.stage_a.cache_views}")
+            raise ConfigError(f"stage_a.cache_views must be >= 1, got {self.stage_a.cache_views}")
 
 
 def teacher_average(teacher_logits) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import tree as T
 from .checkpoint import read_metadata, save_checkpoint
-from .config import to_dict
+from .config import compile_mode, to_dict
 from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches, steps_per_epoch
 from .distributed import barrier, convert_sync_bn, sum_across_ranks, world
 from .errors import ConfigError
@@ -27,7 +27,7 @@ from .run import Run, final_report, load_train_state, say, train_loop, training_
 from .step import apply_model, call_stateless, compile_step, init_state, make_eval_fn, make_train_step
 from .supervised import constant, prepare, print_accuracy_table, resolve_resume
 from .teacher_outputs import teacher_outputs_for
-from .teachers import ensure_teacher, load_teacher
+from .teachers import TEACHER_HASHES, check_same_teachers, ensure_teacher, load_teacher, teacher_hashes
 
 # ----------------------------------------------------------------------------------------------
 # Teacher features, computed once (the teachers are frozen)
@@ -164,7 +164,7 @@ def train_stage_a(cfg: IBKDConfig, run: Run, stage: int, mbm_train: MBM, mbm_eva
     lr = torch.tensor(a.lr, device=device)
     step = compile_step(make_train_step(stage_a_loss(mbm_train, a.beta), optimizer, lambda s: lr,
                                         clip_fn=constant(a.grad_clip_norm, device), device_type=device.type),
-                        cfg.compile)
+                        cfg.compile, mode=compile_mode(cfg))
     batch_size = min(a.batch_size, len(caches["train"].labels))
     result = train_loop(
         cfg, run, state=init_state({"mbm": mbm_params}, {}, optimizer, ema=False), train_step=step, splits=splits,
@@ -196,7 +196,7 @@ def load_best(run: Run, tag: str, device: torch.device) -> T.Tree:
 
 def student_side(cfg: IBKDConfig, teachers: tuple[Net, Net], num_classes: int, device: torch.device
                  ) -> tuple[Net, nn.Module | None, tuple[nn.Module, nn.Module] | None, T.Tree, T.Tree]:
-    student = build_net(cfg.student, num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+    student = build_net(cfg.student, num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed, flag="--student")
     if cfg.dist.sync_bn and world().size > 1:
         convert_sync_bn(student.train_skeleton)
     shapes = feature_shapes(student.eval_skeleton)
@@ -227,15 +227,20 @@ def student_side(cfg: IBKDConfig, teachers: tuple[Net, Net], num_classes: int, d
 
 def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     cfg = resolve_resume(cfg)
-    ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs)
-    ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs)
+    ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs, "--teacher1")
+    ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs, "--teacher2")
     cfg, device, splits, run = prepare(cfg, recipe)
     say(f"run {run.root}  |  {splits.description}  |  teachers {cfg.teacher1.arch} + {cfg.teacher2.arch}  |  "
         f"student {cfg.student.arch}  |  device {device}  |  kernels {cfg.kernels}")
     t0 = time.perf_counter()
     k = splits.num_classes
-    teachers = tuple(load_teacher(m, c, k, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_teacher_bn)
+    teachers = tuple(load_teacher(m, c, k, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_teacher_bn,
+                                  dataset=splits.name)
                      for m, c in ((cfg.teacher1, cfg.teacher1_ckpt), (cfg.teacher2, cfg.teacher2_ckpt)))
+    ckpts = {"teacher1": cfg.teacher1_ckpt, "teacher2": cfg.teacher2_ckpt}
+    hashes = teacher_hashes(ckpts)
+    if cfg.resume and (run.root / "last.safetensors").exists():  # .root: reading it changes nothing
+        check_same_teachers(run.root / "last.safetensors", ckpts, hashes)
     caches = {split: build_cache(teachers, data, splits, cfg.data, seed=cfg.seed, device=device,
                                  views=cfg.stage_a.cache_views if split == "train" else 1,
                                  channels_last=cfg.channels_last)
@@ -273,20 +278,21 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         stage_b_loss(parts, cfg.stage_b, total_steps, backend=cfg.kernels), optimizer,
         lr_schedule(cfg.optim, spe, cfg.epochs),
         clip_fn=stage_b_clip(cfg.grad_clip_norm_init, cfg.grad_clip_norm_final, cfg.grad_clip_warmup_frac, total_steps),
-        amp=cfg.amp, device_type=device.type), cfg.compile)
+        amp=cfg.amp, device_type=device.type), cfg.compile, mode=compile_mode(cfg))
     state = init_state(params, buffers, optimizer, frozen=frozen, ema=cfg.ema, amp=cfg.amp)
-    meta = {**student.meta(cfg.student, splits.name), "kernels": cfg.kernels}
+    meta = {**student.meta(cfg.student, splits.name), "kernels": cfg.kernels, TEACHER_HASHES: hashes}
     info: dict = {"epoch": 0}
-    if cfg.resume and run.path("last.safetensors").exists():
-        state, info = load_train_state(run.path("last.safetensors"), expect={"arch": student.arch}, device=device,
+    if cfg.resume and (run.root / "last.safetensors").exists():  # .root: a refused resume changes nothing
+        state, info = load_train_state(run.root / "last.safetensors", expect={"arch": student.arch}, device=device,
                                        like=state)
         say(f"resuming {run.root} after student epoch {info['epoch']}")
 
-    eval_fn = compile_step(make_eval_fn(student.eval_skeleton), cfg.compile)
+    eval_fn = compile_step(make_eval_fn(student.eval_skeleton), cfg.compile, mode=compile_mode(cfg))
     shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
                                        "teacher2": (teachers[1], cfg.teacher2_ckpt)},
                                  splits, device, method=recipe, maps=cfg.stage_b.gamma > 0)  # the feature term
     batches = shared.wrap(training_batches(cfg, splits, device)) if shared is not None else None
+    last_val = None  # the final student epoch's validation accuracies, when this invocation trains it
     for stage, (start, end) in enumerate(stage_boundaries(cfg.epochs, cfg.num_stages)):
         if mbm_train is not None:
             if info["epoch"] <= start:  # stage A of this stage has not been followed by student epochs yet
@@ -311,12 +317,12 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         info = {**info, "epoch": max(info["epoch"], start)}
         result = train_loop(cfg, run, state=state, train_step=step_b, splits=splits, device=device, part="student",
                             eval_fn=eval_fn, weight_meta=meta, epochs=end, tag="", resume_info=info, batches=batches)
-        state = result.state
+        state, last_val = result.state, result.last_val
         info = {"epoch": end, "best_val": result.best_val, "best_ema_val": result.best_ema_val,
                 "train_seconds": result.train_seconds, "images_seen": result.images_seen}
         summary[f"stage{stage + 1}_student_val_acc"] = result.best_val
     accuracies = final_report(run, state=state, part="student", eval_fn=eval_fn, splits=splits, cfg=cfg,
-                              device=device, weight_meta=meta)
+                              device=device, weight_meta=meta, last_val=last_val)
     summary.update({"num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                     "wall_seconds": time.perf_counter() - t0, "cache_seconds": cache_seconds,
                     "train_seconds": info["train_seconds"], "images_per_second":

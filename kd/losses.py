@@ -95,8 +95,10 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, te
     log-sum-exps (``log(1 - p_t) = logsumexp_{j != t} - logsumexp_j``), never ``log(1 - p_t)``, so a
     confident network gives no ``log(0)``. The teacher is a constant.
     """
-    student = student_logits.float() / temperature  # (N, C)
-    teacher = teacher_logits.detach().float() / temperature
+    # fp32 at least (bf16/fp16 logits are upcast), fp64 kept: an fp64 check of the loss means what it says.
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    student = student_logits.to(dtype) / temperature  # (N, C)
+    teacher = teacher_logits.detach().to(dtype) / temperature
     target_mask = F.one_hot(target, student.shape[1]).to(student.dtype)  # (N, C), 1 at the target class
 
     def log_binary_and_nontarget(scaled: Tensor) -> tuple[Tensor, Tensor]:

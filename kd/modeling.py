@@ -36,13 +36,15 @@ class Net:
 
 
 def build_net(cfg: ModelConfig, num_classes: int, device: torch.device, *, channels_last: bool = False,
-              seed: int | None = None) -> Net:
+              seed: int | None = None, flag: str = "--MODEL") -> Net:
+    """The network of ``cfg``; ``flag`` is the recipe's name for it (``--student``), which errors name."""
     if seed is not None:
         torch.manual_seed(seed)
     try:
         module = build_model(cfg.arch, num_classes, small_input=cfg.small_input, pretrained=cfg.pretrained)
     except (ValueError, RuntimeError) as exc:  # unknown arch, no pretrained weights, offline download
-        raise ConfigError(f"cannot build {cfg.arch!r}: {str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0].replace("--MODEL.", f"{flag}.")
+        raise ConfigError(f"cannot build {cfg.arch!r}: {message}") from None
     module = module.to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -423,7 +423,7 @@ def _torchvision_classifier(
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
         reason = " ".join(str(error).split())
         raise RuntimeError(
-            f"cannot fetch pretrained {arch} weights ({weights}: {reason}); pass `--teacher.pretrained False` "
+            f"cannot fetch pretrained {arch} weights ({weights}: {reason}); pass `--MODEL.pretrained False` "
             f"or put the file at {cached}"
         ) from error
     last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import tree as T
+from .errors import ConfigError
 
 
 class Optimizer(NamedTuple):
@@ -60,10 +61,28 @@ class OptimConfig:
     """Multistep decay factor."""
 
     def __post_init__(self) -> None:
+        # (the range checks below also refuse NaN: every comparison with NaN is false)
+        for name in ("lr", "weight_decay", "eps", "warmup_epochs", "gamma"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--optim.{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"--optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--optim.weight-decay must be >= 0 (0 = off), got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--optim.momentum must be in [0, 1), got {self.momentum}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"--optim.betas must both be in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ConfigError(f"--optim.eps must be > 0, got {self.eps}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"--optim.warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"--optim.min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.gamma <= 0:
+            raise ConfigError(f"--optim.gamma must be > 0, got {self.gamma}")
+        if any(m < 0 for m in self.milestones):
+            raise ConfigError(f"--optim.milestones must be >= 0, got {self.milestones}")
 
 
 def sgd(momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False) -> Optimizer:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import tree as T
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint, write_atomically
-from .config import RunConfig, to_dict
+from .config import RunConfig, short_warmup_warning, to_dict
 from .data import Dataset, Splits, eval_batches, steps_per_epoch, train_batches
 from .distributed import barrier, sum_across_ranks, world
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError, writing
@@ -43,8 +43,9 @@ class Run:
     """
 
     def __init__(self, root: Path, config: dict[str, Any], *, resuming: bool = False, named: bool = False,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, warning: str | None = None):
         self.root = root
+        self._warning = warning  # printed (stderr, once) when the run starts writing: after every check passed
         self._config = config  # what config.json holds once the directory exists
         self._resuming = resuming
         self._named = named  # an explicit --run-name is never renamed and never reused
@@ -64,14 +65,14 @@ class Run:
                 raise ConfigError("--log.tensorboard True needs the tensorboard package: "
                                   "pip install -e '.[tensorboard]'") from None
         if cfg.resume:
-            _check_writable(Path(cfg.resume), "")
+            check_writable(Path(cfg.resume), "")
             return
         if cfg.run_name:
             root = Path(cfg.out_dir) / cfg.run_name
             if root.exists() or root.is_symlink():
                 raise OutputError(f"run directory {root} already exists: continue it with --resume {root}, "
                                   f"or choose another --run-name")
-        _check_writable(Path(cfg.out_dir), " (choose another --out-dir)")
+        check_writable(Path(cfg.out_dir), " (choose another --out-dir)")
 
     @classmethod
     def create(cls, cfg: RunConfig, recipe: str) -> "Run":
@@ -80,7 +81,8 @@ class Run:
             root = Path(cfg.resume)
             saved = json.loads((root / "config.json").read_text())
             config = {"recipe": saved.get("recipe", recipe), **to_dict(cfg), "resume": saved.get("resume", "")}
-            return cls(root, config, resuming=True, tensorboard=cfg.log.tensorboard)
+            return cls(root, config, resuming=True, tensorboard=cfg.log.tensorboard,
+                       warning=short_warmup_warning(cfg))
         name = cfg.run_name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         root = Path(cfg.out_dir) / name
         suffix = 1
@@ -93,11 +95,13 @@ class Run:
             dist.broadcast_object_list(shared, src=0)
             root = Path(shared[0])
         return cls(root, {"recipe": recipe, **to_dict(cfg)}, named=bool(cfg.run_name),
-                   tensorboard=cfg.log.tensorboard)
+                   tensorboard=cfg.log.tensorboard, warning=short_warmup_warning(cfg))
 
     def _use(self) -> None:
+        global _ACTIVE
         if self._ready:
             return
+        _ACTIVE = self
         if not world().main:  # rank 0 creates and tidies the directory
             self._ready = True
             return
@@ -106,6 +110,8 @@ class Run:
         else:
             self._make_directory()
         self._ready = True
+        if self._warning:
+            print(self._warning, file=sys.stderr, flush=True)
         if self._tensorboard:
             self._open_tensorboard()
 
@@ -187,7 +193,21 @@ class Run:
         return self.root / name
 
 
-def _check_writable(folder: Path, hint: str) -> None:
+_ACTIVE: Run | None = None  # the run whose directory this process wrote last (named when it is interrupted)
+
+
+def interrupted_advice() -> str:
+    """What an interrupted command tells the user: which run directory to resume, with the command."""
+    run = _ACTIVE
+    if run is None or not run.root.is_dir():
+        return "no run directory had been written yet, nothing to resume"
+    command = f"python launch.py recipes.{run._config.get('recipe', 'NAME')} --resume {run.root}"
+    if any(run.root.glob("*last.safetensors")):
+        return f"the last finished epoch's checkpoint is in {run.root}; continue with: {command}"
+    return f"no epoch of {run.root} had finished; {command} starts it over"
+
+
+def check_writable(folder: Path, hint: str) -> None:
     probe = folder
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -257,14 +277,24 @@ def last_good(path: Path) -> str:
 
 
 def evaluate_accuracy(eval_fn: Callable, params: T.Tree, buffers: T.Tree, data: Dataset, splits: Splits,
-                      cfg: RunConfig, device: torch.device) -> float:
+                      cfg: RunConfig, device: torch.device, on_batch: Callable[[], Any] | None = None) -> float:
     """Top-1 accuracy (%) of ``eval_fn(params, buffers, x) -> (logits, features)`` on ``data``; in a
-    data-parallel job each rank evaluates its shard and the counts are summed."""
+    data-parallel job each rank evaluates its shard and the counts are summed. ``on_batch`` is called
+    after each batch (a progress bar's update)."""
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    # A compiled eval function is specialised to its batch shape: the last, smaller batch of a split is padded
+    # with zero images to the full batch (the network is in eval mode, so each image's logits are its own)
+    # rather than compiled again for each split's remainder.
+    full = math.ceil(cfg.data.eval_batch_size / world().size) if cfg.compile else 0
     for batch in eval_batches(data, splits, cfg.data, device=device, rank=world().rank, world_size=world().size):
-        x = batch["x"].contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch["x"]
+        x, labels = batch["x"], batch["y_a"]
+        if 0 < x.shape[0] < full:
+            x = torch.cat([x, x.new_zeros((full - x.shape[0], *x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
         logits, _ = eval_fn(params, buffers, x)
-        correct += accuracy_counts(logits, batch["y_a"])
+        correct += accuracy_counts(logits[: labels.shape[0]], labels)
+        if on_batch is not None:
+            on_batch()
     return 100.0 * float(sum_across_ranks(correct)) / max(1, len(data.labels))
 
 
@@ -276,6 +306,9 @@ class LoopResult:
     epochs_run: int
     train_seconds: float
     images_seen: int
+    last_val: dict[str, float] | None = None
+    """Validation accuracy of the final weights, ``{"last": ..., "ema_last": ...}``, when this call trained
+    the final epoch (the final report reuses it instead of evaluating the same weights again)."""
 
     @property
     def images_per_second(self) -> float:
@@ -327,6 +360,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
     weight_meta = {**weight_meta, "config": to_dict(cfg)}  # every checkpoint carries the resolved config
 
     make_batches = batches or training_batches(cfg, splits, device)
+    last_val: dict[str, float] | None = None
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         n_images = 0
@@ -370,6 +404,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
                 best_ema_val = ema_val
                 save_weights(run.path(f"{file_prefix}best_ema.safetensors"), state["ema"]["params"],
                              state["ema"]["buffers"], {**weight_meta, "val_acc": ema_val, "epoch": epoch + 1})
+        last_val = {"last": val, **({"ema_last": record[f"{prefix}val_acc_ema"]} if has_ema else {})}
         run.log(record)
         say(f"[{tag or 'train'}] epoch {epoch + 1}/{epochs}  loss {last.get('loss', float('nan')):.4f}  "
             f"val {val:.2f}%" + (f"  ema {record[f'{prefix}val_acc_ema']:.2f}%" if has_ema else "")
@@ -378,7 +413,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
             **weight_meta, "epoch": epoch + 1, "best_val": best_val, "best_ema_val": best_ema_val,
             "train_seconds": train_seconds, "images_seen": images_seen, "tag": tag})
         barrier()  # rank 0's checkpoints are complete before any rank reads them
-    return LoopResult(state, best_val, best_ema_val, epochs, train_seconds, images_seen)
+    return LoopResult(state, best_val, best_ema_val, epochs, train_seconds, images_seen, last_val)
 
 
 def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, Any]) -> None:
@@ -423,21 +458,60 @@ def load_train_state(path: Path, *, expect: dict[str, Any], device: torch.device
     return state, info
 
 
+def in_order_of(tree: dict, like: dict) -> dict:
+    """``tree`` with the key order of ``like`` (same keys); unchanged when the keys differ."""
+    if set(tree) != set(like):
+        return tree
+    return {k: in_order_of(tree[k], like[k]) if isinstance(like[k], dict) and isinstance(tree[k], dict) else tree[k]
+            for k in like}
+
+
 def final_report(run: Run, *, state: T.Tree, part: str, eval_fn: Callable, splits: Splits, cfg: RunConfig,
-                 device: torch.device, weight_meta: dict[str, Any], tag: str = "") -> dict[str, float]:
-    """Test (and validation) accuracy of the last weights and of the best-by-validation weights,
-    for the model and its EMA."""
+                 device: torch.device, weight_meta: dict[str, Any], tag: str = "",
+                 last_val: dict[str, float] | None = None) -> dict[str, float]:
+    """Test and validation accuracy of the last weights and of the best-by-validation weights, for the model
+    and its EMA (``state`` is the state after the run's final epoch, ``cfg.epochs``).
+
+    Each distinct set of weights is evaluated once, under one progress bar: best weights saved at the final
+    epoch are the last weights (their numbers are copied); validation accuracies already measured on the same
+    weights are reused: ``last_val`` (the final epoch's, from :class:`LoopResult`) and the ``val_acc`` that a
+    best checkpoint records."""
     file_prefix = f"{tag}_" if tag else ""
-    out: dict[str, float] = {}
-    candidates = [("last", state["params"][part], state["buffers"][part])]
+    weights = {"last": (state["params"][part], state["buffers"][part])}
     if "ema" in state:
-        candidates.append(("ema_last", state["ema"]["params"][part], state["ema"]["buffers"][part]))
-    for name, file in (("best", "best.safetensors"), ("ema_best", "best_ema.safetensors")):
+        weights["ema_last"] = (state["ema"]["params"][part], state["ema"]["buffers"][part])
+    val = {name: acc for name, acc in (last_val or {}).items() if name in weights}
+    twins: dict[str, str] = {}  # a best checkpoint of the final epoch -> the live weights it equals
+    for name, file, live in (("best", "best.safetensors", "last"), ("ema_best", "best_ema.safetensors", "ema_last")):
         path = run.path(file_prefix + file)
-        if path.exists():
-            params, buffers, _ = load_weights(path, expect={"arch": weight_meta["arch"]}, device=device)
-            candidates.append((name, params[part], buffers.get(part, {})))
-    for name, params, buffers in candidates:
-        out[f"{name}_val_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.val, splits, cfg, device)
-        out[f"{name}_test_acc"] = evaluate_accuracy(eval_fn, params, buffers, splits.test, splits, cfg, device)
+        if not path.exists():
+            continue
+        meta = read_metadata(path)
+        if live in weights and json.loads(meta.get("epoch", "0")) == cfg.epochs:
+            twins[name] = live
+            continue
+        params, buffers, meta = load_weights(path, expect={"arch": weight_meta["arch"]}, device=device)
+        # in the live weights' key order: a compiled eval function guards on it (a file's order is sorted)
+        weights[name] = tuple(in_order_of(loaded, live_tree) for loaded, live_tree in
+                              zip((params[part], buffers.get(part, {})), weights["last"]))
+        if "val_acc" in meta:
+            val[name] = float(json.loads(meta["val_acc"]))
+    passes = [(name, "test", splits.test) for name in weights]
+    passes += [(name, "val", splits.val) for name in weights if name not in val]
+    size = cfg.data.eval_batch_size
+    total = sum(math.ceil(len(data) / size) for _, _, data in passes)
+    bar = tqdm(total=total, desc="final evaluation", disable=cfg.disable_tqdm or not sys.stdout.isatty(),
+               leave=False, dynamic_ncols=True)
+    accuracies = {("val", name): acc for name, acc in val.items()}
+    for name, split, data in passes:
+        params, buffers = weights[name]
+        accuracies[(split, name)] = evaluate_accuracy(eval_fn, params, buffers, data, splits, cfg, device,
+                                                      on_batch=bar.update)
+    bar.close()
+    out: dict[str, float] = {}
+    for name in ("last", "ema_last", "best", "ema_best"):
+        source = twins.get(name, name)
+        if source in weights:
+            out[f"{name}_val_acc"] = accuracies[("val", source)]
+            out[f"{name}_test_acc"] = accuracies[("test", source)]
     return out

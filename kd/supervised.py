@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from . import tree as T
-from .config import ModelConfig, RunConfig, load_run_config, resolve_device, setup, to_dict
+from .config import ModelConfig, RunConfig, compile_mode, load_run_config, resolve_device, setup, to_dict
 from .distributed import convert_sync_bn, world
 from .data import Splits, load_splits, steps_per_epoch
 from .errors import ConfigError
@@ -50,6 +51,8 @@ class Extras:
     summary: dict[str, Any] = field(default_factory=dict)
     teacher_outputs: Any = None
     """A :class:`kd.teacher_outputs.TeacherOutputs` adding the frozen teachers' outputs to every batch."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Extra checkpoint metadata (e.g. the teachers' checkpoint hashes, checked on resume)."""
 
 
 # What a resumed run may change: none of it alters the work already done or the state carried over.
@@ -84,11 +87,30 @@ def resolve_resume(cfg: RunConfig) -> RunConfig:
         if cfg.epochs != saved.epochs and getattr(saved, "num_stages", 1) > 1:
             raise ConfigError(f"--epochs cannot change on resuming {cfg.resume}: its {saved.num_stages} stages "
                               f"split the epochs, so the stage boundaries would move")
+        check_resumable(Path(cfg.resume), saved.epochs, cfg.epochs, extendable=getattr(saved, "num_stages", 1) == 1)
         cfg = dataclasses.replace(saved, resume=cfg.resume, **{name: getattr(cfg, name) for name in asked
                                                                if "." not in name}, log=cfg.log)
     resolve_device(cfg.device)
     Run.check(cfg)
     return cfg
+
+
+# What a run directory holds once epochs have finished; never overwritten by a resume that starts over.
+FINISHED_WORK = ("summary.json", "best.safetensors", "best_ema.safetensors")
+
+
+def check_resumable(run_dir: Path, saved_epochs: int, epochs: int, *, extendable: bool = True) -> None:
+    """Refuse a resume that would lose work: a run whose ``last.safetensors`` is gone although epochs have
+    finished (it would be retrained from epoch 0 over them), or a finished run asked for no more epochs."""
+    done = [name for name in FINISHED_WORK if (run_dir / name).exists()]
+    if done and not (run_dir / "last.safetensors").is_file():
+        raise ConfigError(f"cannot resume {run_dir}: its last.safetensors is missing, so it would restart from epoch "
+                          f"0 and overwrite its finished work ({', '.join(done)}); put last.safetensors back, or "
+                          f"start a new run")
+    if (run_dir / "summary.json").is_file() and epochs == saved_epochs:
+        longer = f"add --epochs N with N > {saved_epochs} to train it longer, or " if extendable else ""
+        raise ConfigError(f"{run_dir} is finished (all its {saved_epochs} epochs, summary.json written): nothing to "
+                          f"resume; {longer}start a new run")
 
 
 def _flag(name: str) -> str:
@@ -124,7 +146,7 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
     if cfg.dist.sync_bn and world().size > 1:
         convert_sync_bn(net.train_skeleton)
     say(f"run {run.root}  |  {splits.description}  |  {part} {model_cfg.arch}  |  device {device}")
-    meta = net.meta(model_cfg, splits.name)
+    meta = {**net.meta(model_cfg, splits.name), **extras.meta}
     spe = steps_per_epoch(splits, cfg.data)
     optimizer = build_optimizer(cfg.optim)
     train_step = make_train_step(loss_fn, optimizer, lr_schedule(cfg.optim, spe, cfg.epochs),
@@ -132,21 +154,22 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
     state = init_state({part: net.params, **extras.params}, {part: net.buffers, **extras.buffers}, optimizer,
                        frozen=extras.frozen, ema=ema, amp=cfg.amp)
     resume_info = None
-    if cfg.resume and run.path("last.safetensors").exists():
-        state, resume_info = load_train_state(run.path("last.safetensors"), expect={"arch": net.arch},
+    # run.root, not run.path(): a resume refused here (another network) must leave the run as it was.
+    if cfg.resume and (run.root / "last.safetensors").exists():
+        state, resume_info = load_train_state(run.root / "last.safetensors", expect={"arch": net.arch},
                                               device=device, like=state)
         say(f"resuming {run.root} after epoch {resume_info['epoch']}")
 
-    eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile)
+    eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile, mode=compile_mode(cfg))
     t0 = time.perf_counter()
     batches = None
     if extras.teacher_outputs is not None:
         batches = extras.teacher_outputs.wrap(training_batches(cfg, splits, device))
-    result = train_loop(cfg, run, state=state, train_step=compile_step(train_step, cfg.compile), splits=splits,
+    result = train_loop(cfg, run, state=state, train_step=compile_step(train_step, cfg.compile, mode=compile_mode(cfg)), splits=splits,
                         device=device, part=part, eval_fn=eval_fn, weight_meta=meta, resume_info=resume_info,
                         batches=batches)
     accuracies = final_report(run, state=result.state, part=part, eval_fn=eval_fn, splits=splits, cfg=cfg,
-                              device=device, weight_meta=meta)
+                              device=device, weight_meta=meta, last_val=result.last_val)
     summary = {"recipe": recipe, "run_dir": str(run.root), "dataset": splits.description, part: model_cfg.arch,
                "num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
                "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
@@ -162,7 +185,8 @@ def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, par
                      grad_clip_norm: float, ema: bool) -> tuple[Run, dict[str, Any]]:
     """Plain supervised training (teacher fine-tuning, CE baseline); ``cfg`` already resume-resolved."""
     cfg, device, splits, run = prepare(cfg, recipe)
-    net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+    net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed,
+                    flag=f"--{part}")
     summary = train_network(cfg, recipe, run, splits, device, net, model_cfg, part=part,
                             loss_fn=classifier_loss(net, part, label_smoothing), grad_clip_norm=grad_clip_norm,
                             ema=ema)

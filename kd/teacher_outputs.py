@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .checkpoint import write_atomically
+from .checkpoint import file_sha256, write_atomically
 from .errors import OutputError
 from .modeling import Net
 from .step import AmpConfig, apply_model, autocast_dtype
@@ -60,14 +60,6 @@ def image_hash(x: Tensor) -> bytes:
     h.update(repr((tuple(x.shape), str(x.dtype))).encode())
     h.update(x.detach().contiguous().cpu().numpy().tobytes())
     return h.digest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stream_fingerprint(parts: dict[str, Any]) -> str:

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import file_sha256, load_checkpoint, read_metadata, save_checkpoint
 from .config import ModelConfig, RunConfig, setup, to_dict
 from .distributed import barrier, world
 from .data import DataConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, OutputError
 from .modeling import Net, build_net
 from .optim import OptimConfig
-from .run import load_weights, say
+from .run import check_writable, load_weights, say
 from .supervised import resolve_resume, train_classifier
 
 
@@ -84,6 +85,10 @@ def fine_tune(cfg: TeacherConfig) -> dict:
     an existing checkpoint is reused unless ``cfg.overwrite``."""
     cfg = resolve_resume(cfg)
     ckpt = Path(cfg.ckpt)
+    if ckpt.is_dir():
+        raise OutputError(f"--ckpt {ckpt} is a folder: name the .safetensors file to write, e.g. {ckpt / 'teacher.safetensors'}")
+    # Where the weights go must be writable before the fine-tuning, not after it.
+    check_writable(ckpt.parent, " (choose another --ckpt)")
     if ckpt.exists() and not cfg.resume:
         if not cfg.overwrite:
             meta = load_checkpoint(ckpt)[1]  # fails clearly if the file is unusable
@@ -106,7 +111,7 @@ def fine_tune(cfg: TeacherConfig) -> dict:
     return summary
 
 
-def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -> None:
+def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int, flag: str = "--teacher") -> None:
     """Fine-tune the teacher when its checkpoint is missing (as the original ``run_ibkd.sh`` did). The
     teacher sees the same dataset, split and seed as the student, so the validation images stay unseen
     by both; SPEC 5's defaults apply otherwise."""
@@ -123,19 +128,31 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int) -
                                eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
     # SPEC 5 warms up for 5 of 30 epochs: keep that ratio when fewer fine-tuning epochs are asked for.
     optim = dataclasses.replace(base.optim, warmup_epochs=min(base.optim.warmup_epochs, epochs / 6))
-    fine_tune(dataclasses.replace(
-        base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
-        device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
-        out_dir=cfg.out_dir, log_every=cfg.log_every, log=cfg.log, dist=cfg.dist, kernels=cfg.kernels,
-        run_name="", resume=""))
+    try:
+        fine_tune(dataclasses.replace(
+            base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
+            device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
+            out_dir=cfg.out_dir, log_every=cfg.log_every, log=cfg.log, dist=cfg.dist, kernels=cfg.kernels,
+            run_name="", resume=""))
+    except (ConfigError, OutputError) as exc:  # fine_tune names its own flags (--teacher.*, --ckpt): name this recipe's
+        message = str(exc).replace("--teacher.", f"{flag}.").replace("--ckpt", f"{flag}-ckpt")
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
 
 
 def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,
-                 channels_last: bool = False, fold_bn: bool = False) -> Net:
+                 channels_last: bool = False, fold_bn: bool = False, dataset: str | None = None) -> Net:
     """A frozen teacher: the skeleton from ``model`` (no download: the weights come from ``ckpt``), checked
-    against the checkpoint's architecture and class count; ``fold_bn``: see :func:`fold_batchnorm`."""
+    against the checkpoint's architecture and class count, and against ``dataset`` (the run's data) where
+    the checkpoint records the data it was trained on; ``fold_bn``: see :func:`fold_batchnorm`."""
     net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last)
     params, buffers, meta = load_weights(ckpt, expect={"arch": model.arch, "num_classes": num_classes}, device=device)
+    trained_on = meta.get("dataset")
+    if dataset is not None and trained_on is not None and trained_on != dataset:
+        raise CheckpointError(f"{ckpt} is a teacher fine-tuned on {trained_on}, but this run trains on {dataset}: "
+                              f"fine-tune one on {dataset} (python launch.py recipes.teacher --data.name {dataset} "
+                              f"--ckpt NEW.safetensors) and pass that")
     part = next(iter(params))  # a teacher checkpoint holds one part ("teacher")
     net.params, net.buffers = params[part], buffers.get(part, {})
     if channels_last:
@@ -145,6 +162,26 @@ def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.
     if missing:
         raise CheckpointError(f"{ckpt} lacks {len(missing)} tensors of {model.arch} (e.g. {sorted(missing)[0]})")
     return fold_batchnorm(net, channels_last=channels_last) if fold_bn else net
+
+
+TEACHER_HASHES = "teacher_sha256"  # train-state metadata: {teacher name: sha256 of its checkpoint file}
+
+
+def teacher_hashes(ckpts: dict[str, str]) -> dict[str, str]:
+    """``{teacher name: sha256}`` of the teachers' checkpoint files, recorded in a run's train state."""
+    return {name: file_sha256(path) for name, path in ckpts.items()}
+
+
+def check_same_teachers(last: Path, ckpts: dict[str, str], hashes: dict[str, str]) -> None:
+    """Refuse to resume from ``last`` (a train state) when a teacher's checkpoint file is not the one the run
+    started with: the student would continue against another teacher. A state saved before the hashes were
+    recorded has nothing to compare with."""
+    stored = json.loads(read_metadata(last).get(TEACHER_HASHES, "{}"))
+    for name, digest in hashes.items():
+        if name in stored and stored[name] != digest:
+            raise CheckpointError(f"cannot resume {last.parent}: {name}'s checkpoint {ckpts[name]} has changed since "
+                                  f"the run started (sha256 {stored[name][:12]}... then, {digest[:12]}... now); put "
+                                  f"the original file back, or start a new run with this teacher")
 
 
 def fold_batchnorm(net: Net, *, channels_last: bool = False) -> Net:

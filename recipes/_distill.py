@@ -15,6 +15,7 @@ from kd.optim import OptimConfig
 from kd.step import AmpConfig, apply_model
 from kd.supervised import Extras, prepare, resolve_resume, train_network
 from kd.teacher_outputs import frozen_teacher, teacher_outputs_for
+from kd.teachers import TEACHER_HASHES, check_same_teachers, teacher_hashes
 from kd.teachers import ensure_teacher, load_teacher  # noqa: F401  (re-exported for the recipes)
 
 
@@ -99,12 +100,16 @@ def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_l
     outputs are not shared through ``cfg.teacher_cache`` (only logits and pooled features are)."""
     cfg = resolve_resume(cfg)
     specs = teachers(cfg)
-    for model, ckpt in specs.values():
-        ensure_teacher(cfg, model, ckpt, cfg.teacher_epochs)
+    for name, (model, ckpt) in specs.items():
+        ensure_teacher(cfg, model, ckpt, cfg.teacher_epochs, f"--{name}")
     cfg, device, splits, run_dir = prepare(cfg, recipe)
     nets = {name: load_teacher(model, ckpt, splits.num_classes, device, channels_last=cfg.channels_last,
-                               fold_bn=cfg.fold_teacher_bn) for name, (model, ckpt) in specs.items()}
-    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed)
+                               fold_bn=cfg.fold_teacher_bn, dataset=splits.name) for name, (model, ckpt) in specs.items()}
+    ckpts = {name: ckpt for name, (_, ckpt) in specs.items()}
+    hashes = teacher_hashes(ckpts)
+    if cfg.resume and (run_dir.root / "last.safetensors").exists():  # .root: reading it changes nothing
+        check_same_teachers(run_dir.root / "last.safetensors", ckpts, hashes)
+    student = build_net(cfg.student, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed, flag="--student")
     total_steps = steps_per_epoch(splits, cfg.data) * cfg.epochs
     loss_fn, head_params, head_buffers = make_loss(cfg, student, nets, device, total_steps)
     shared = teacher_outputs_for(cfg, {name: (net, specs[name][1]) for name, net in nets.items()}, splits, device,
@@ -112,6 +117,6 @@ def run_distillation(cfg: RunConfig, recipe: str, teachers: TeacherSpecs, make_l
     extras = Extras(params=head_params, buffers=head_buffers,
                     frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in nets.items()},
                     summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]},
-                    teacher_outputs=shared)
+                    teacher_outputs=shared, meta={TEACHER_HASHES: hashes})
     return train_network(cfg, recipe, run_dir, splits, device, student, cfg.student, part="student", loss_fn=loss_fn,
                          grad_clip_norm=cfg.grad_clip_norm, ema=cfg.ema, extras=extras)

@@ -26,7 +26,7 @@ class ATConfig(DistillConfig):
         super().__post_init__()
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
+            raise ConfigError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
 
 
 CONFIG = ATConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)

@@ -89,7 +89,7 @@ class CompareConfig(ibkd.IBKDConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.resume:
-            raise ValueError("compare has no --resume: resume one of its runs with that method's recipe")
+            raise ConfigError("compare has no --resume: resume one of its runs with that method's recipe")
 
 
 CONFIG = CompareConfig(**{f.name: getattr(ibkd.CONFIG, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)})
@@ -153,9 +153,9 @@ def run(cfg: CompareConfig) -> list[dict]:
     needs_single = any(m in SINGLE_TEACHER for m in cfg.methods)
     needs_both = any(m not in ("ce", *SINGLE_TEACHER) for m in cfg.methods)
     if needs_single or needs_both:
-        ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs)
+        ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs, "--teacher1")
     if needs_both or (needs_single and cfg.single_teacher != "teacher1"):
-        ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs)
+        ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs, "--teacher2")
     single = pick_single_teacher(cfg) if needs_single else None
     run_dirs = []
     for seed in cfg.seeds:

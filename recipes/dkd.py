@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kd.errors import ConfigError
 from kd.losses import linear_warmup, mixed_dkd_terms
 from kd.step import mixed_cross_entropy
 
@@ -32,9 +33,9 @@ class DKDConfig(DistillConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.warmup_frac <= 1.0:
-            raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
+            raise ConfigError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 CONFIG = DKDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)

@@ -56,7 +56,7 @@ def run(cfg: InspectConfig) -> dict:
                                      if k != "recipe"})
     device = resolve_device(cfg.device)
     splits = load_splits(run_cfg.data, run_cfg.seed)
-    teachers = tuple(load_teacher(m, c, splits.num_classes, device) for m, c in
+    teachers = tuple(load_teacher(m, c, splits.num_classes, device, dataset=splits.name) for m, c in
                      ((run_cfg.teacher1, run_cfg.teacher1_ckpt), (run_cfg.teacher2, run_cfg.teacher2_ckpt)))
     tree, _ = load_checkpoint(root / f"mbm_stage{cfg.stage}.safetensors", device=device)
     dims = tuple(feature_shapes(t.eval_skeleton)["pooled"][1] for t in teachers)

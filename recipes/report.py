@@ -8,18 +8,25 @@ The PNG draws each method's validation accuracy per epoch as the mean over its s
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 
-from kd.errors import ConfigError
-from kd.run import say
+from kd.checkpoint import write_atomically
+from kd.errors import ConfigError, OutputError, writing
+from kd.run import check_writable, say
 
 from ._cli import parse
 
-COLUMNS = ["run", "method", "teachers", "student", "seed", "epochs", "val_acc_last", "test_acc_last",
-           "val_acc_best", "test_acc_best", "test_acc_ema_best", "wall_seconds", "images_per_second", "dataset"]
+# "model" is the network the run trained: the student, or the teacher of a teacher fine-tuning run.
+# "teacher_test_acc" (each teacher's, " / "-joined) and "synergy_test_acc" (IB-KD's MBM) where a run has them.
+COLUMNS = ["run", "dataset", "method", "teachers", "model", "seed", "epochs", "val_acc_last", "test_acc_last",
+           "val_acc_best", "test_acc_best", "test_acc_ema_best", "teacher_test_acc", "synergy_test_acc",
+           "wall_seconds", "images_per_second", "dataset_detail"]
+NUMERIC = ("val_acc_last", "test_acc_last", "val_acc_best", "test_acc_best", "test_acc_ema_best", "synergy_test_acc",
+           "wall_seconds", "images_per_second")
 
 
 @dataclass(frozen=True)
@@ -52,28 +59,60 @@ def expand(paths: tuple[str, ...]) -> list[Path]:
     return found
 
 
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json; one :class:`ConfigError` naming the file when it is not a JSON object."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                          f"leave that run out of the report, or run it again") from None
+    return summary
+
+
 def row_of(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     teachers = summary.get("teachers") or []
-    return {
-        "run": run_dir.name, "method": summary.get("method", summary.get("recipe", "?")),
-        "teachers": "+".join(teachers) or "-", "student": summary.get("student", summary.get("teacher", "?")),
+    teacher_accs = [summary.get(f"teacher{i}_test_acc") for i in (1, 2)]
+    dataset = str(summary.get("dataset", ""))
+    row = {
+        "run": run_dir.name, "dataset": dataset.split(";")[0].split(" (")[0], "method": summary.get("method", summary.get("recipe", "?")),
+        "teachers": "+".join(map(str, teachers)) or "-", "model": summary.get("student", summary.get("teacher", "?")),
         "seed": summary.get("seed"), "epochs": summary.get("epochs"),
         "val_acc_last": summary.get("last_val_acc"), "test_acc_last": summary.get("last_test_acc"),
         "val_acc_best": summary.get("best_val_acc"), "test_acc_best": summary.get("best_test_acc"),
-        "test_acc_ema_best": summary.get("ema_best_test_acc"), "wall_seconds": summary.get("wall_seconds"),
-        "images_per_second": summary.get("images_per_second"), "dataset": summary.get("dataset", ""),
+        "test_acc_ema_best": summary.get("ema_best_test_acc"),
+        "teacher_test_acc": " / ".join(f"{a:.2f}" for a in teacher_accs if isinstance(a, (int, float))) or None,
+        "synergy_test_acc": summary.get("synergy_test_acc"), "wall_seconds": summary.get("wall_seconds"),
+        "images_per_second": summary.get("images_per_second"), "dataset_detail": dataset,
     }
+    row["method"], row["model"] = str(row["method"]), str(row["model"])
+    for key in ("seed", "epochs"):
+        if row[key] is not None and (isinstance(row[key], bool) or not isinstance(row[key], int)):
+            raise ConfigError(f"{run_dir / 'summary.json'}: {key} is {row[key]!r}, not an integer: leave that run "
+                              f"out of the report, or run it again")
+    for key in NUMERIC:
+        if row[key] is not None and (isinstance(row[key], bool) or not isinstance(row[key], (int, float))):
+            raise ConfigError(f"{run_dir / 'summary.json'}: {key} is {row[key]!r}, not a number: leave that run out "
+                              f"of the report, or run it again")
+    return row
 
 
 def curves(run_dir: Path) -> list[tuple[int, float]]:
+    """``(epoch, validation accuracy)`` of the run's epoch records; a line torn by an interruption is skipped."""
     points = []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "epoch" and "val_acc" in record:
-                points.append((record["epoch"], record["val_acc"]))
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(record, dict) and record.get("kind") == "epoch" and not record.get("stage")
+                    and isinstance(record.get("epoch"), int) and isinstance(record.get("val_acc"), (int, float))):
+                points.append((record["epoch"], float(record["val_acc"])))
     return points
 
 
@@ -84,7 +123,7 @@ def _fmt(value) -> str:
 
 
 # One group = the runs of one method with one student, teachers and budget: the seeds of a comparison.
-GROUP_KEY = ("method", "teachers", "student", "epochs")
+GROUP_KEY = ("dataset", "method", "teachers", "model", "epochs")
 SUMMARY_METRICS = ("val_acc_best", "test_acc_best", "test_acc_last", "test_acc_ema_best", "images_per_second")
 SUMMARY_COLUMNS = [*GROUP_KEY, "runs", *(f"{m}_{stat}" for m in SUMMARY_METRICS for stat in ("mean", "std"))]
 
@@ -125,8 +164,8 @@ def _mean_pm_std(m: float | None, s: float | None) -> str:
 def markdown(rows: list[dict]) -> str:
     per_method = summary_rows(rows)
     lines = ["Per method: mean ± sample std (n - 1) over seeds; accuracies in %, training images/s.", "",
-             "| method | teachers | student | epochs | runs | " + " | ".join(SUMMARY_METRICS) + " |",
-             "|" + "---|" * (5 + len(SUMMARY_METRICS))]
+             "| " + " | ".join(GROUP_KEY) + " | runs | " + " | ".join(SUMMARY_METRICS) + " |",
+             "|" + "---|" * (len(GROUP_KEY) + 1 + len(SUMMARY_METRICS))]
     for r in per_method:
         cells = [_fmt(r[k]) for k in (*GROUP_KEY, "runs")]
         cells += [_mean_pm_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in SUMMARY_METRICS]
@@ -157,6 +196,7 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
     except ImportError:
         say("matplotlib is not installed: table written, plot skipped (pip install -e '.[plot]' for the PNG)")
         return False
+    datasets = sorted({r["dataset"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, members in groups_of(rows).items():
         run_curves = [points for points in (curves(run_dirs[i]) for i in members) if points]
@@ -165,13 +205,15 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
         epochs, avg, low, high = mean_curve(run_curves)
         group = dict(zip(GROUP_KEY, key))
         seeds = f"mean of {len(run_curves)} seeds" if len(run_curves) > 1 else "1 seed"
-        line, = ax.plot(epochs, avg, marker="o", markersize=3, label=f"{group['method']} {group['student']}, {group['epochs']} epochs ({seeds})")
+        where = f"{group['dataset']}: " if len(datasets) > 1 else ""
+        line, = ax.plot(epochs, avg, marker="o", markersize=3,
+                        label=f"{where}{group['method']} {group['model']}, {group['epochs']} epochs ({seeds})")
         if len(run_curves) > 1:
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    dataset = rows[0]["dataset"].split(";")[0] if rows else ""
-    ax.set_title(f"{dataset}\nmean over seeds, band = min..max over seeds".lstrip(), fontsize=10)
+    details = sorted({r["dataset_detail"].split(";")[0] for r in rows})
+    ax.set_title(f"{', '.join(details)}\nmean over seeds, band = min..max over seeds".lstrip(), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -180,23 +222,40 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
     return True
 
 
+def csv_text(fieldnames: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def check_outputs(out: Path, name: str) -> None:
+    """Before reading any run: the output folder can be made and written, and no output name is a folder."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file: pass a folder for the report")
+    check_writable(out, " (choose another --out)")
+    for suffix in (".md", ".csv", "_methods.csv", ".png"):
+        if (out / f"{name}{suffix}").is_dir():
+            raise OutputError(f"{out / (name + suffix)} is a folder: remove it or choose another --name")
+
+
 def run(cfg: ReportConfig) -> list[dict]:
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"--name {cfg.name!r} must be a plain file name (the folder is --out)")
+    out = Path(cfg.out)
+    check_outputs(out, cfg.name)
     run_dirs = expand(cfg.runs)
     rows = [row_of(d) for d in run_dirs]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (out / f"{cfg.name}.md").write_text(table + "\n")
-    with open(out / f"{cfg.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / f"{cfg.name}_methods.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(summary_rows(rows))
+    write_atomically(out / f"{cfg.name}.md", (table + "\n").encode())
+    write_atomically(out / f"{cfg.name}.csv", csv_text(COLUMNS, rows).encode())
+    write_atomically(out / f"{cfg.name}_methods.csv", csv_text(SUMMARY_COLUMNS, summary_rows(rows)).encode())
     say(table)
-    plotted = plot(run_dirs, rows, out / f"{cfg.name}.png")
+    with writing(out / f"{cfg.name}.png"):
+        plotted = plot(run_dirs, rows, out / f"{cfg.name}.png")
     say(f"\nwrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.csv')}, {out / (cfg.name + '_methods.csv')}"
         + (f", {out / (cfg.name + '.png')}" if plotted else ""))
     return rows

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kd.errors import ConfigError
 from kd.run import say
 
 from . import compare, ibkd, report
@@ -67,9 +68,9 @@ class StudyConfig(compare.CompareConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
+            raise ConfigError(f"trials must be >= 1, got {self.trials}")
         if 0 not in self.seeds:
-            raise ValueError("seeds must include 0 (the search seed)")
+            raise ConfigError("seeds must include 0 (the search seed)")
         self.fixed_trials()  # validates
 
     def fixed_trials(self) -> dict[str, int]:
@@ -77,7 +78,7 @@ class StudyConfig(compare.CompareConfig):
         for item in self.fixed:
             method, sep, trial = item.partition("=")
             if not sep or method not in GRIDS or not trial.isdigit() or int(trial) >= len(GRIDS[method]):
-                raise ValueError(f"--fixed {item!r}: expected method=trial with a method of {sorted(GRIDS)} and "
+                raise ConfigError(f"--fixed {item!r}: expected method=trial with a method of {sorted(GRIDS)} and "
                                  f"a trial index of its grid")
             out[method] = int(trial)
         return out

@@ -114,7 +114,8 @@ def test_every_config_field_has_a_docstring():
     ],
 )
 def test_config_rejects_bad_values(overrides):
-    with pytest.raises(ValueError):
+    from kd.errors import ConfigError
+    with pytest.raises(ConfigError):
         DataConfig(**overrides)
 
 

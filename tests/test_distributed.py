@@ -169,3 +169,15 @@ def test_folder_dataset_on_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     summaries = [json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("one", "two")]
     assert summaries[0]["best_test_acc"] == summaries[1]["best_test_acc"]
+
+
+def test_a_global_batch_the_ranks_do_not_divide_is_refused_once_before_the_group_forms(tmp_path):
+    proc = subprocess.run(command(2, "recipes.ce", *TINY, "--data.batch-size", "15", "--epochs", "1",
+                                  "--optim.warmup-epochs", "0", "--out-dir", str(tmp_path / "runs")),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: --data.batch-size 15 is the global batch and must be divisible by the 2 ranks of this "
+                    "torchrun job (e.g. 14)"], proc.stderr[-3000:]
+    assert "kd/" not in proc.stderr  # no traceback through the project's code: it stopped before any work
+    assert not (tmp_path / "runs").exists()

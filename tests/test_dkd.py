@@ -59,6 +59,18 @@ def test_dkd_terms_equal_explicit_formula(temperature):
     assert float(loss) == pytest.approx(float(want_tckd + 8.0 * want_nckd), rel=1e-4)
 
 
+def test_dkd_terms_keep_float64_and_match_the_formula_to_float64_precision():
+    student, teacher, target = random_logits()
+    student, teacher = student.double(), teacher.double()
+    tckd, nckd = dkd_terms(student, teacher, target, 4.0)
+    assert tckd.dtype == nckd.dtype == torch.float64  # an fp64 check means fp64, not fp32 in disguise
+    want_tckd, want_nckd = explicit_dkd(student, teacher, target, 4.0)
+    assert float(tckd) == pytest.approx(float(want_tckd), rel=1e-10)
+    assert float(nckd) == pytest.approx(float(want_nckd), rel=1e-10)
+    half = dkd_terms(student.to(torch.bfloat16), teacher.to(torch.bfloat16), target, 4.0)
+    assert half[0].dtype == torch.float32  # half-precision logits are computed in fp32
+
+
 def test_dkd_decomposes_hinton_kd():
     """Per sample, Hinton's KD = TCKD + (1 - p_t^teacher) * NCKD (the identity the method is built on)."""
     student, teacher, target = random_logits(n=1, classes=9, seed=3)

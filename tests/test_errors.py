@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--data.name", "synthetic", "--data.synthetic-size", "64", "--data.val-size", "16", "--data.batch-size", "16",
-        "--compile", "False", "--disable-tqdm", "True", "--log-every", "1", "--student.arch", "resnet8"]
+        "--compile", "False", "--disable-tqdm", "True", "--log-every", "1", "--student.arch", "resnet8",
+        "--optim.warmup-epochs", "0"]
 TINY = [*BASE, "--epochs", "1", "--device", "cpu"]
 
 # Loaded at interpreter start (PYTHONPATH) by the CLI runs that simulate a machine problem.
@@ -333,3 +334,102 @@ def test_requires_fashion_mnist_skips_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(conftest, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(pytest.skip.Exception, match="apt-get install dataset-fashion-mnist"):
         conftest.pytest_runtest_setup(Item())
+
+
+# 8. Ctrl-C, the warm-up warning, a flag named as the recipe names it.
+
+def test_ctrl_c_names_the_run_directory_and_the_command_that_continues_it(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
+                             "--epochs", "500", "--out-dir", str(tmp_path), "--run-name", "long"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "long" / "last.safetensors"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip() == (f"interrupted: the last finished epoch's checkpoint is in {tmp_path / 'long'}; continue "
+                              f"with: python launch.py recipes.ce --resume {tmp_path / 'long'}")
+
+
+def test_a_warmup_longer_than_the_run_is_warned_in_one_line(tmp_path):
+    proc = launch("recipes.ce", *TINY, "--optim.warmup-epochs", "4", "--epochs", "2", "--out-dir", tmp_path,
+                  "--run-name", "w", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "warning: --optim.warmup-epochs 4 is longer than the run's 2 epochs, so the learning rate never reaches "
+        "--optim.lr 0.001 (at most 50% of it); lower --optim.warmup-epochs or raise --epochs"]
+
+
+OFFLINE = '''
+import torch.hub
+def _offline(*args, **kwargs):
+    raise OSError("network is unreachable")
+torch.hub.load_state_dict_from_url = _offline
+'''
+
+
+def test_an_offline_pretrained_teacher_names_the_recipes_own_flag(tmp_path):
+    proc = launch("recipes.ibkd", *TINY, "--teacher1.arch", "resnet18", "--teacher1.pretrained", "True",
+                  "--teacher1-ckpt", tmp_path / "t1.safetensors", "--out-dir", tmp_path / "runs", cwd=tmp_path,
+                  site=OFFLINE)
+    line = one_line_error(proc, "cannot fetch pretrained resnet18 weights", "pass `--teacher1.pretrained False`")
+    assert "--teacher.pretrained" not in line and "--MODEL" not in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t1.safetensors").exists()
+
+
+# 9. The final evaluation: each distinct set of weights once, the same numbers as evaluating every file.
+
+def test_final_evaluation_evaluates_each_distinct_weight_set_once_with_the_same_numbers(tmp_path, monkeypatch):
+    from kd import run as run_module
+    from kd.data import load_splits
+    from kd.modeling import build_net
+    from kd.step import make_eval_fn
+    from recipes import ce
+
+    calls = []
+    evaluate = run_module.evaluate_accuracy
+
+    def counting(eval_fn, params, buffers, data, splits, cfg, device, on_batch=None):
+        calls.append("test" if data is splits.test else "val" if data is splits.val else "other")
+        return evaluate(eval_fn, params, buffers, data, splits, cfg, device, on_batch)
+
+    monkeypatch.setattr(run_module, "evaluate_accuracy", counting)
+    args = [*TINY, "--epochs", "3", "--optim.lr", "0.02", "--out-dir", str(tmp_path), "--run-name", "r"]
+    ce.main(args)
+    run_dir = tmp_path / "r"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    from kd.checkpoint import read_metadata
+    best_epoch = json.loads(read_metadata(run_dir / "best.safetensors")["epoch"])
+    ema_best_epoch = json.loads(read_metadata(run_dir / "best_ema.safetensors")["epoch"])
+    final = calls[3 * 2:]  # 3 epochs x (val, val of the EMA) in the loop, then the final report
+    assert calls[:6] == ["val"] * 6
+    distinct = 2 + (best_epoch != 3) + (ema_best_epoch != 3)
+    assert final == ["test"] * distinct  # no validation pass: every validation number was known
+
+    # The numbers equal a plain evaluation of each file and of the final weights.
+    from recipes._cli import parse
+    cfg = parse(ce.CONFIG, args, prog="t", description="")
+    splits = load_splits(cfg.data, cfg.seed)
+    net = build_net(cfg.student, splits.num_classes, torch.device("cpu"))
+    eval_fn = make_eval_fn(net.eval_skeleton)
+    from kd.run import load_weights
+    for name, file in (("best", "best.safetensors"), ("ema_best", "best_ema.safetensors")):
+        params, buffers, _ = load_weights(run_dir / file, expect={}, device=torch.device("cpu"))
+        for split, data in (("val", splits.val), ("test", splits.test)):
+            assert summary[f"{name}_{split}_acc"] == evaluate(eval_fn, params["student"], buffers["student"], data,
+                                                              splits, cfg, torch.device("cpu")), (name, split)
+    from kd.checkpoint import load_checkpoint
+    state = load_checkpoint(run_dir / "last.safetensors")[0]["state"]
+    assert summary["last_test_acc"] == evaluate(eval_fn, state["params"]["student"], state["buffers"]["student"],
+                                                splits.test, splits, cfg, torch.device("cpu"))
+    assert summary["last_val_acc"] == epochs[-1]["val_acc"]
+    assert summary["ema_last_val_acc"] == epochs[-1]["val_acc_ema"]

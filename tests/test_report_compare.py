@@ -200,8 +200,8 @@ def test_report_two_seeds_mean_std_table_and_banded_plot(tmp_path, monkeypatch):
 
     table = (out / "cmp.md").read_text()
     # sample std of (50, 54) = 2.83; of the EMA (50.5, 54.5) too; val best (40, 44)
-    assert "| dkd | resnet8 | resnet8 | 3 | 2 | 42.00 ± 2.83 | 52.00 ± 2.83 | 51.00 ± 2.83 | 52.50 ± 2.83 |" in table
-    assert "| ce | resnet8 | resnet8 | 3 | 1 | 35.00 | 61.00 | 60.00 | 61.50 |" in table
+    assert "| synthetic | dkd | resnet8 | resnet8 | 3 | 2 | 42.00 ± 2.83 | 52.00 ± 2.83 | 51.00 ± 2.83 | 52.50 ± 2.83 |" in table
+    assert "| synthetic | ce | resnet8 | resnet8 | 3 | 1 | 35.00 | 61.00 | 60.00 | 61.50 |" in table
     with open(out / "cmp.csv") as f:
         assert len(list(csv.DictReader(f))) == 3  # per run, as before
     with open(out / "cmp_methods.csv") as f:

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 IMAGE_SIZE = 32  # every in-memory set (CIFAR, Fashion-MNIST, synthetic) is 32x32
 CROP_PADDING = 4
+MAX_IMAGE_SIZE = 1024  # a batch of larger images would not fit in any accelerator's memory
 RANDAUGMENT_BINS = 31  # torchvision's default number of magnitude bins; magnitude M indexes into them
 DATASET_NAMES = ("cifar100", "cifar10", "fashion_mnist", "synthetic", "folder")
 
@@ -71,26 +72,26 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
-            raise ValueError(f"data.name must be one of {', '.join(DATASET_NAMES)}, got {self.name!r}")
+            raise ConfigError(f"data.name must be one of {', '.join(DATASET_NAMES)}, got {self.name!r}")
         for field in ("val_size", "train_subset", "randaugment_n", "workers"):
             if getattr(self, field) < 0:
-                raise ValueError(f"data.{field} must be >= 0, got {getattr(self, field)}")
+                raise ConfigError(f"data.{field} must be >= 0, got {getattr(self, field)}")
         for field in ("batch_size", "eval_batch_size", "synthetic_size"):
             if getattr(self, field) < 1:
-                raise ValueError(f"data.{field} must be >= 1, got {getattr(self, field)}")
-        if self.image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {self.image_size}")
+                raise ConfigError(f"data.{field} must be >= 1, got {getattr(self, field)}")
+        if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"--data.image-size must be in 8..{MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.name != "folder" and self.image_size != IMAGE_SIZE:
-            raise ValueError(f"data.image_size applies to folder data; {self.name} images are "
+            raise ConfigError(f"data.image_size applies to folder data; {self.name} images are "
                              f"{IMAGE_SIZE}x{IMAGE_SIZE}")
         if not 0 <= self.randaugment_m < RANDAUGMENT_BINS:
-            raise ValueError(f"data.randaugment_m must be in 0..{RANDAUGMENT_BINS - 1}, got {self.randaugment_m}")
+            raise ConfigError(f"data.randaugment_m must be in 0..{RANDAUGMENT_BINS - 1}, got {self.randaugment_m}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError("data.mixup_alpha and data.cutmix_alpha must be >= 0")
+            raise ConfigError("data.mixup_alpha and data.cutmix_alpha must be >= 0")
         if not 0.0 <= self.cutmix_prob <= 1.0:
-            raise ValueError(f"data.cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
+            raise ConfigError(f"data.cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
         if self.synthetic_classes < 2:
-            raise ValueError(f"data.synthetic_classes must be >= 2, got {self.synthetic_classes}")
+            raise ConfigError(f"data.synthetic_classes must be >= 2, got {self.synthetic_classes}")
 
 
 @dataclass(frozen=True)

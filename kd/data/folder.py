@@ -99,6 +99,9 @@ def scan_folder(root: str) -> FolderLayout:
     classes = tuple(sorted(entry.name for entry in os.scandir(found["train"]) if entry.is_dir()))
     if not classes:
         raise DataError(f"folder data: no class folders in {found['train']} (expected train/<class>/<image>)")
+    if len(classes) < 2:
+        raise DataError(f"folder data: {found['train']} has one class folder ({classes[0]}): a classifier needs at "
+                        f"least two (train/<class>/<image>, one folder per class)")
     class_to_idx = {name: i for i, name in enumerate(classes)}
     for name in ("val", "test"):
         if name in found:

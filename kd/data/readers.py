@@ -166,8 +166,9 @@ def read_fashion_mnist(root: str) -> tuple[Dataset, Dataset]:
     if root:
         directory = Path(root).expanduser().resolve()
         if not directory.is_dir():
-            raise DataError(f"Fashion-MNIST: --data.root {directory} does not exist (put {files} there, or leave "
-                            f"--data.root empty to read {FASHION_MNIST_DIR})")
+            problem = "is a file, not a folder" if directory.exists() else "does not exist"
+            raise DataError(f"Fashion-MNIST: --data.root {directory} {problem} (put {files} in a folder and pass "
+                            f"it, or leave --data.root empty to read {FASHION_MNIST_DIR})")
         candidates = [directory, directory / "fashion-mnist"]
         advice = f"put {files} in {directory} (or leave --data.root empty to read {FASHION_MNIST_DIR})"
     else:
