@@ -100,10 +100,13 @@ def test_teacher_reuse_and_overwrite(workdir):
     ("ibkd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
               "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2",
               "--stage-a.batch-size", "16", "--mbm.z-dim", "32"]),
+    ("dkd", ["--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]),
+    ("ensemble_kd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
+                     "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors"]),
 ])
 def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
     teacher = [] if recipe in ("ce", "ibkd") else ["--teacher.arch", "resnet8", "--teacher.pretrained", "False"]
-    if recipe == "ibkd":
+    if recipe in ("ibkd", "ensemble_kd"):
         teacher = ["--teacher1.arch", "resnet8", "--teacher1.pretrained", "False"]
     out = workdir / f"runs_{recipe}"
     proc = launch(f"recipes.{recipe}", *TINY, "--student.arch", "resnet8", *teacher, *extra, "--out-dir", str(out),
@@ -148,6 +151,51 @@ def test_compiled_ibkd_cli_golden_losses(workdir, kernels):
     summary = json.loads((run_dir / "summary.json").read_text())
     accuracies = [summary[k] for k in ("synergy_val_acc", "synergy_test_acc", "best_val_acc", "last_test_acc")]
     check_golden("ibkd_compiled_accuracies", accuracies, count=4)
+
+
+def two_stage_losses(run_dir: Path) -> list[float]:
+    """Stage A1's first losses, stage B's first losses, then stage A2's first losses and stage B's first losses
+    after it: what each stage of a two-stage run computes, in order."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    a1 = [r["loss"] for r in steps if r["stage"] == "A1"][:2]
+    a2 = [r["loss"] for r in steps if r["stage"] == "A2"][:2]
+    b = [r for r in steps if r["stage"] == ""]
+    first_of_epoch = [r["loss"] for epoch in (1, 2) for r in [next(r for r in b if r["epoch"] == epoch)]]
+    return [*a1, first_of_epoch[0], *a2, first_of_epoch[1]]
+
+
+def test_ibkd_two_stages_golden_losses(workdir):
+    """Two stages (A1, B over epoch 1, A2, B over epoch 2): golden losses of every stage, eager."""
+    out = workdir / "runs_ibkd2"
+    launch("recipes.ibkd", *TINY, *IBKD_TINY, "--epochs", "2", "--num-stages", "2", "--out-dir", str(out),
+           cwd=workdir)
+    run_dir = only_run(out, "ibkd")
+    check_golden("ibkd_two_stages", two_stage_losses(run_dir), count=6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"stage1_synergy_val_acc", "stage2_synergy_val_acc"} <= set(summary)
+    assert (run_dir / "mbm_stage2.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dkd", "ensemble_kd", "ibkd_two_stages"])
+def test_compiled_golden_losses(workdir, recipe):
+    """``--compile True`` through the real CLI reproduces stored losses for DKD, ensemble KD and a two-stage
+    IB-KD run (the reference kernels; generated compiled, rel 1e-4)."""
+    out = workdir / f"runs_compiled_{recipe}"
+    if recipe == "dkd":
+        args = ["recipes.dkd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8", "--teacher.pretrained",
+                "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]
+    elif recipe == "ensemble_kd":
+        args = ["recipes.ensemble_kd", *TINY, *IBKD_TINY[:14]]
+    else:
+        args = ["recipes.ibkd", *TINY, *IBKD_TINY, "--epochs", "2", "--num-stages", "2"]
+    launch(*args, "--compile", "True", "--out-dir", str(out), cwd=workdir)
+    run_dir = only_run(out, args[0].split(".")[1])
+    if recipe == "ibkd_two_stages":
+        check_golden("ibkd_two_stages_compiled", two_stage_losses(run_dir), count=6)
+    else:
+        check_golden(f"{recipe}_compiled", step_losses(run_dir))
 
 
 def test_shared_teacher_outputs_are_read_back_and_change_nothing(workdir):
@@ -237,8 +285,8 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
 
 def test_inspect_synergy_on_an_ibkd_run(workdir):
     out = workdir / "runs_ibkd"
-    if not out.is_dir():
-        pytest.skip("needs the IB-KD run of test_recipe_cli_smoke_and_golden_losses[ibkd] (same module)")
+    if not out.is_dir():  # run alone: make the IB-KD run that test_recipe_cli_smoke_and_golden_losses[ibkd] makes
+        launch("recipes.ibkd", *TINY, *IBKD_TINY, "--out-dir", str(out), cwd=workdir)
     proc = launch("recipes.inspect_synergy", str(only_run(out, "ibkd")), "--batches", "2", cwd=workdir)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| clean validation |")
             or line.startswith("| stage-B training batches |")]
