@@ -78,7 +78,11 @@ def test_functional_forward_matches_module_train(arch):
     for name, buffer in functional_buffers.items():
         torch.testing.assert_close(buffer, module_buffers[name], atol=1e-6, rtol=0, msg=name)
     running_means = [name for name in initial_buffers if name.endswith("running_mean")]
-    assert any(not torch.equal(functional_buffers[n], initial_buffers[n]) for n in running_means) or not running_means
+    if arch == GENERIC:  # convnext normalises with LayerNorm: no running statistics to update
+        assert not running_means
+    else:
+        assert running_means
+        assert any(not torch.equal(functional_buffers[n], initial_buffers[n]) for n in running_means)
 
 
 def test_stage_shapes_at_32x32():
@@ -245,7 +249,7 @@ def test_pretrained_offline_raises_clear_error(arch, filename, empty_hub, monkey
         build_model(arch, NUM_CLASSES, pretrained=True)
     message = str(error.value)
     assert "\n" not in message
-    assert "--teacher.pretrained False" in message
+    assert "--MODEL.pretrained False" in message  # kd.modeling.build_net names the recipe's own flag
     assert str(empty_hub / "checkpoints" / filename) in message
 
 
@@ -340,4 +344,8 @@ def test_teacher_benchmark_times_every_variant():
                                                                   rounds=2, device="cpu"))
     assert [r["variant"] for r in rows] == ["as loaded", "BN folded", "BN folded + channels-last",
                                             bench_teachers.SHARED]
-    assert all(r["forward"] > 0 and r["kd_step"] > 0 for r in rows) and rows[0]["kd_step_x"] == 1.0
+    # each ratio is its variant's rate over the first variant's (the table's x columns say so)
+    for r in rows:
+        assert 0 < r["forward"] < float("inf") and 0 < r["kd_step"] < float("inf")
+        assert r["forward_x"] == pytest.approx(r["forward"] / rows[0]["forward"])
+        assert r["kd_step_x"] == pytest.approx(r["kd_step"] / rows[0]["kd_step"])

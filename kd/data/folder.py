@@ -99,9 +99,6 @@ def scan_folder(root: str) -> FolderLayout:
     classes = tuple(sorted(entry.name for entry in os.scandir(found["train"]) if entry.is_dir()))
     if not classes:
         raise DataError(f"folder data: no class folders in {found['train']} (expected train/<class>/<image>)")
-    if len(classes) < 2:
-        raise DataError(f"folder data: {found['train']} has one class folder ({classes[0]}): a classifier needs at "
-                        f"least two (train/<class>/<image>, one folder per class)")
     class_to_idx = {name: i for i, name in enumerate(classes)}
     for name in ("val", "test"):
         if name in found:
@@ -110,6 +107,9 @@ def scan_folder(root: str) -> FolderLayout:
             if unknown:
                 raise DataError(f"folder data: {found[name]} has class folders that train/ lacks: "
                                 f"{', '.join(unknown[:5])}")
+    if len(classes) < 2:
+        raise DataError(f"folder data: {found['train']} has one class folder ({classes[0]}): a classifier needs at "
+                        f"least two (train/<class>/<image>, one folder per class)")
     splits = {name: _scan_split(path, class_to_idx, every_class=name == "train") for name, path in found.items()}
     return FolderLayout(directory, classes, splits["train"], splits.get("val"), splits.get("test"))
 
