@@ -172,6 +172,100 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML) file holding one object of config fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    try:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give the "
+                                  f"fields as JSON") from None
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any parse error of a user's file is one line)
+        raise ConfigError(f"--config {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
+                          f" ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold one object of fields, e.g. {{\"epochs\": 30}}")
+    return data
+
+
+# Keys of a run's config.json that are not fields to start from: the recipe's name and the resumed run.
+CONFIG_FILE_IGNORED = frozenset({"recipe", "resume"})
+
+
+def apply_config_file(cfg: Any, path: str | Path) -> Any:
+    """``cfg`` with the fields of the config file at ``path`` (any subset, nested as in config.json); an unknown
+    field or a value of the wrong type is one :class:`ConfigError` naming it."""
+    data = {k: v for k, v in read_config_file(path).items() if k not in CONFIG_FILE_IGNORED}
+    return _merge(cfg, data, f"--config {path}", "")
+
+
+def _merge(cfg: Any, data: dict[str, Any], where: str, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + k for k in unknown)} for {type(cfg).__name__}")
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for key, value in data.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value, where, f"{prefix}{key}.")
+        else:
+            changes[key] = _checked(hints[key], value, f"{where}: {prefix}{key}")
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _checked(tp: Any, value: Any, name: str) -> Any:
+    """``value`` as type ``tp`` (lists become tuples, ints become floats), or a ConfigError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{name} is {value!r}, expected {getattr(tp, '__name__', str(tp))}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} is {value!r}, expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_checked(args[0], v, name) for v in value)
+        if len(args) != len(value):
+            raise bad
+        return tuple(_checked(a, v, name) for a, v in zip(args, value))
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)
+    return value
+
+
 # Recipe fields added after runs were saved without them; such a run resumes with their defaults.
 ADDED_FIELDS = frozenset({"teacher_cache", "teacher_cache_max_gb"})
 

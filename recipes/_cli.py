@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import tyro
 
-from kd.config import RunConfig, load_run_config
+from kd.config import RunConfig, apply_config_file, load_run_config
 from kd.errors import ConfigError
 
 C = TypeVar("C")
@@ -25,12 +25,38 @@ def parse(default: C, argv: list[str] | None, *, prog: str, description: str) ->
     fields that differ from the saved config are exactly those asked for on this command line;
     :func:`kd.supervised.resolve_resume` then applies or refuses them.
     """
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    path, args = _config_flag(args)
+    if path is not None:
+        default = apply_config_file(default, path)
+    description = f"{description or ''}\n\n{CONFIG_HELP}"
     cfg = _cli(default, args, prog, description)
     if isinstance(cfg, RunConfig) and cfg.resume:
         saved = load_run_config(type(cfg), cfg.resume)
         cfg = _cli(dataclasses.replace(saved, resume=cfg.resume), args, prog, description)
     return cfg
+
+
+CONFIG_HELP = ("--config FILE starts from a JSON (or YAML) file of fields (any subset; a run's config.json "
+               "reproduces that run), the flags apply over it.")
+
+
+def _config_flag(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--config FILE`` (or ``--config=FILE``) taken out of ``args``."""
+    rest, path = [], None
+    i = 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file: --config FILE (JSON or YAML)")
+            path, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--config="):
+            path = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return path, rest
 
 
 def _cli(default: C, args: list[str], prog: str, description: str) -> C:

@@ -1,5 +1,6 @@
 """launch.py: recipe listing, --help, and bad input rejected with a short message and a non-zero exit."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,38 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.safetensors" in lines[0] and "truncated or corrupt" in lines[0]
+
+
+def test_config_file_reproduces_a_run_and_flags_apply_over_it(tmp_path):
+    first = launch("recipes.ce", *TINY, "--student.arch", "resnet8", "--optim.warmup-epochs", "0",
+                   "--out-dir", str(tmp_path), "--run-name", "a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = launch("recipes.ce", "--config", str(tmp_path / "a" / "config.json"), "--seed", "1", "--run-name", "b",
+                   cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    a, b = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("a", "b"))
+    assert {k for k in a if a[k] != b[k]} == {"seed", "run_name"} and b["seed"] == 1
+
+
+def test_config_file_with_any_subset_of_fields_and_its_errors(tmp_path):
+    from kd.config import apply_config_file
+    from recipes import ce
+
+    (tmp_path / "part.json").write_text(json.dumps({"epochs": 7, "optim": {"lr": 0.01}, "data": {"val_size": 3}}))
+    cfg = apply_config_file(ce.CONFIG, tmp_path / "part.json")
+    assert (cfg.epochs, cfg.optim.lr, cfg.data.val_size) == (7, 0.01, 3)
+    assert cfg.optim.weight_decay == ce.CONFIG.optim.weight_decay and cfg.data.name == ce.CONFIG.data.name
+    cases = {"unknown.json": ({"optim": {"lr": 0.01, "bogus": 1}}, "unknown field optim.bogus"),
+             "type.json": ({"epochs": "two"}, "epochs is 'two', expected int"),
+             "choice.json": ({"data": {"name": "imagenet"}}, "data.name is 'imagenet', expected one of"),
+             "range.json": ({"epochs": 0}, "--epochs must be in 1..100,000"),
+             "list.json": ([1, 2], "must hold one object of fields")}
+    for name, (content, says) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        proc = launch("recipes.ce", "--config", str(tmp_path / name), cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: --config {tmp_path / name}"), proc.stderr
+        assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    proc = launch("recipes.ce", "--config", str(tmp_path / "bad.json"), cwd=tmp_path)
+    assert proc.returncode == 1 and "is not valid JSON" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # nothing ran
