@@ -107,10 +107,10 @@ def scan_folder(root: str) -> FolderLayout:
             if unknown:
                 raise DataError(f"folder data: {found[name]} has class folders that train/ lacks: "
                                 f"{', '.join(unknown[:5])}")
+    splits = {name: _scan_split(path, class_to_idx, every_class=name == "train") for name, path in found.items()}
     if len(classes) < 2:
         raise DataError(f"folder data: {found['train']} has one class folder ({classes[0]}): a classifier needs at "
                         f"least two (train/<class>/<image>, one folder per class)")
-    splits = {name: _scan_split(path, class_to_idx, every_class=name == "train") for name, path in found.items()}
     return FolderLayout(directory, classes, splits["train"], splits.get("val"), splits.get("test"))
 
 
