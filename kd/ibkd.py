@@ -58,28 +58,25 @@ class StageBConfig:
     """Stage B: the student distilled from the synergy logits and the bottleneck latent."""
 
     ce_alpha: float = 0.5
-    """Weight of the (label-smoothed, mixed-target) cross-entropy. (SPEC 6: 1.0; 0.5 with a constant KD
-    weight 0.5 at T 4 is what validation picked, see the README's study.)"""
+    """Weight of the (label-smoothed, mixed-target) cross-entropy (SPEC: 1.0)."""
     kd_alpha_init: float = 0.5
-    """KD weight at the start of the ramp (SPEC 6: 0.3)."""
+    """KD weight at the start of the ramp (SPEC: 0.3)."""
     kd_alpha_final: float = 0.5
-    """KD weight at the end (SPEC 6: 0.6)."""
+    """KD weight at the end of the ramp (SPEC: 0.6)."""
     kd_temperature_init: float = 4.0
-    """KD temperature at the start of the ramp (SPEC 6: 6.0)."""
+    """KD temperature at the start of the ramp (SPEC: 6.0)."""
     kd_temperature_final: float = 4.0
-    """KD temperature at the end (SPEC 6: 2.5)."""
+    """KD temperature at the end of the ramp (SPEC: 2.5)."""
     kd_warmup_frac: float = 0.03
     """Fraction of training before the KD ramp starts."""
     kd_pow: float = 1.0
     """Shape of the ramp p = (max(0, r - w) / (1 - w)) ** pow."""
     latent_alpha: float = 1.0
-    """Final weight of the latent term; 0 while r < latent_start, then a linear ramp. (SPEC 6: 0.8; 1.0 with
-    latent_norm sqrt is what the declared validation search picked, see the README's study.)"""
+    """Final weight of the latent term; 0 while progress r < latent_start, then a linear ramp (SPEC: 0.8)."""
     latent_start: float = 0.3
     """Progress at which the latent term starts."""
     latent_norm: Literal["dim", "sqrt", "none"] = "sqrt"
-    """Scale of the latent term: 1/z_dim, 1/sqrt(z_dim) or 1. (SPEC 6: dim, under which the term stays
-    below 0.004 against a CE of 1-2; sqrt is what the declared validation search picked.)"""
+    """Scale of the latent term: 1/z_dim, 1/sqrt(z_dim) or 1 (SPEC: dim)."""
     label_smoothing: float = 0.05
     """Label smoothing of the cross-entropy."""
     gamma: float = 0.0
@@ -90,8 +87,7 @@ class StageBConfig:
     """'teachers': after stage A the synergy logits are divided by one constant, fitted without labels on
     the training images, so that their mean per-sample standard deviation equals that of the teachers'
     average logits: the MBM keeps its ranking of the classes but gets the teachers' softness. 'none': the
-    MBM's logits as they are (SPEC 6). 'teachers' is what validation picked (the MBM's plain logits are
-    about 1.8x sharper than the teachers', see the README's study)."""
+    MBM's logits as they are (SPEC: none)."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +103,7 @@ class IBKDConfig(TwoTeachersConfig):
     num_stages: int = 1
     """Alternations of stage A then stage B; the student epochs are split across stages."""
     grad_clip_norm_init: float = 0.0
-    """Stage B clipping threshold while progress < grad_clip_warmup_frac (0 = off). (SPEC 6: 1.0; off is
-    what validation picked together with the KD weights.)"""
+    """Stage B gradient-norm clipping threshold while progress < grad_clip_warmup_frac (0 = off; SPEC: 1.0)."""
     grad_clip_norm_final: float = 0.0
     """Threshold reached linearly at the end (0 = clipping switched off, never clipping to zero)."""
     grad_clip_warmup_frac: float = 0.5
