@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kd import distributed
     from kd.errors import ENVIRONMENT_ERRNOS, ConfigError, KDError, describe_os_error
-    from kd.run import interrupted_advice
+    from kd.rundir import interrupted_advice
 
     try:
         return int(module.main(rest, prog=f"launch.py {name}") or 0)

@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import tree as T
+from .distributed import world
 from .errors import CheckpointError, writing
 
 FORMAT = "asmb-kd/1"
@@ -166,3 +167,48 @@ def _show(value: str | None) -> str:
         return str(json.loads(value))
     except json.JSONDecodeError:
         return value
+
+
+# Model weights and train states: what the train loop writes and a resume or a teacher load reads.
+
+
+def save_weights(path: Path, params: T.Tree, buffers: T.Tree, meta: dict[str, Any]) -> None:
+    """Every trainable part (student and its heads/regressors), without optimizer state (rank 0 writes)."""
+    if not world().main:
+        return
+    save_checkpoint(path, {"params": params, "buffers": buffers}, {"kind": "weights", **meta})
+
+
+def load_weights(path: str | Path, *, expect: dict[str, Any], device: torch.device) -> tuple[T.Tree, T.Tree, dict[str, str]]:
+    """Model weights (``kind`` "weights": a run's best*.safetensors, a teacher recipe's --ckpt); a train
+    state or another kind of checkpoint given instead is one :class:`CheckpointError` saying so."""
+    tree, meta = load_checkpoint(path, expect=expect, kind="weights", device=device)
+    return tree.get("params", {}), tree.get("buffers", {}), meta
+
+
+def save_train_state(path: Path, state: T.Tree, meta: dict[str, Any]) -> None:
+    if not world().main:
+        return
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_checkpoint(path, {"state": state, "rng": rng}, {"kind": "train_state", **meta})
+
+
+def load_train_state(path: Path, *, expect: dict[str, Any], device: torch.device, like: T.Tree
+                     ) -> tuple[T.Tree, dict[str, Any]]:
+    """Restore a train state saved by :func:`save_train_state`; restores the RNG too."""
+    tree, meta = load_checkpoint(path, expect=expect, device=device)
+    flat = T.flatten(tree["state"])
+    want, have = set(T.flatten(like)), set(flat)
+    if want != have:
+        missing = sorted(want - have)[:3]
+        raise CheckpointError(f"{path} does not match this run's state (missing e.g. {missing})")
+    # Keep dtypes of the live state (e.g. step int64) and the device.
+    state = T.tree_map(lambda ref, s: s.to(device=ref.device, dtype=ref.dtype), like, T.fill(like, flat))
+    torch.set_rng_state(tree["rng"]["torch"].cpu())
+    if "cuda" in tree["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tree["rng"]["cuda"].cpu())
+    info = {k: json.loads(v) for k, v in meta.items() if k in
+            ("epoch", "best_val", "best_ema_val", "train_seconds", "images_seen")}
+    return state, info

@@ -346,7 +346,7 @@ def compile_mode(cfg: Any) -> str | None:
 
 def short_warmup_warning(cfg: Any) -> str | None:
     """The one-line warning for a warm-up that outlasts the run (the learning rate never reaches its peak),
-    or None. A run prints it when it starts training (see :class:`kd.run.Run`), not before its checks."""
+    or None. A run prints it when it starts training (see :class:`kd.rundir.Run`), not before its checks."""
     optim = getattr(cfg, "optim", None)
     if optim is None or optim.warmup_epochs <= cfg.epochs:
         return None

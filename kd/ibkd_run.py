@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tree as T
-from .checkpoint import read_metadata, save_checkpoint
+from .checkpoint import load_train_state, load_weights, read_metadata, save_checkpoint
 from .config import compile_mode, to_dict
 from .data import DataConfig, Dataset, Splits, crop_flip, eval_batches, steps_per_epoch
 from .distributed import barrier, convert_sync_bn, sum_across_ranks, world
@@ -23,7 +23,8 @@ from .mbm import MBM, ProjectionHead
 from .modeling import Net, build_net
 from .models import feature_shapes
 from .optim import adamw, build_optimizer, lr_schedule
-from .run import Run, final_report, load_train_state, say, train_loop, training_batches
+from .loop import final_report, train_loop, training_batches
+from .rundir import Run, say
 from .step import apply_model, call_stateless, compile_step, init_state, make_eval_fn, make_train_step
 from .supervised import constant, prepare, print_accuracy_table, resolve_resume
 from .teacher_outputs import teacher_outputs_for
@@ -185,7 +186,6 @@ def train_stage_a(cfg: IBKDConfig, run: Run, stage: int, mbm_train: MBM, mbm_eva
 
 
 def load_best(run: Run, tag: str, device: torch.device) -> T.Tree:
-    from .run import load_weights
     params, _, _ = load_weights(run.path(f"{tag}_best.safetensors"), expect={}, device=device)
     return params["mbm"]
 

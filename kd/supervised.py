@@ -1,7 +1,6 @@
-"""Training one network (plus optional heads) against optional frozen teachers.
-
-Used by the teacher fine-tuning recipe, the CE baseline and the single-teacher baselines (KD, AT,
-FitNet). Read top to bottom: data -> network -> loss -> pure step -> loop -> report.
+"""Training one network (plus optional heads) against optional frozen teachers: resolving ``--resume``, the
+run's preparation, and :func:`train_network` (state -> pure compiled step -> loop -> report), which
+:func:`kd.train.distill` (every method of kd/methods/, teacher fine-tuning included) runs.
 """
 
 from __future__ import annotations
@@ -19,21 +18,12 @@ from .config import ModelConfig, RunConfig, compile_mode, load_run_config, resol
 from .distributed import convert_sync_bn, world
 from .data import Splits, load_splits, steps_per_epoch
 from .errors import ConfigError
-from .modeling import Net, build_net
+from .modeling import Net
 from .optim import build_optimizer, lr_schedule
-from .run import Run, final_report, load_train_state, say, train_loop, training_batches
-from .step import apply_model, compile_step, init_state, make_eval_fn, make_train_step, mixed_cross_entropy
-
-
-def classifier_loss(net: Net, part: str, label_smoothing: float):
-    """``loss_fn`` for :func:`kd.step.make_train_step`: mixed-target CE with label smoothing."""
-
-    def loss_fn(params, buffers, frozen, batch, step):
-        logits, _, new_buffers = apply_model(net.train_skeleton, params[part], buffers[part], batch["x"], train=True)
-        loss = mixed_cross_entropy(logits, batch, label_smoothing)
-        return loss, ({**buffers, part: new_buffers}, {"ce": loss.detach()})
-
-    return loss_fn
+from .checkpoint import load_train_state
+from .loop import final_report, train_loop, training_batches
+from .rundir import Run, say
+from .step import compile_step, init_state, make_eval_fn, make_train_step
 
 
 def constant(value: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -179,18 +169,6 @@ def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device:
     run.write_summary(summary)
     print_accuracy_table(summary)
     return summary
-
-
-def train_classifier(cfg: RunConfig, recipe: str, model_cfg: ModelConfig, *, part: str, label_smoothing: float,
-                     grad_clip_norm: float, ema: bool) -> tuple[Run, dict[str, Any]]:
-    """Plain supervised training (teacher fine-tuning, CE baseline); ``cfg`` already resume-resolved."""
-    cfg, device, splits, run = prepare(cfg, recipe)
-    net = build_net(model_cfg, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed,
-                    flag=f"--{part}")
-    summary = train_network(cfg, recipe, run, splits, device, net, model_cfg, part=part,
-                            loss_fn=classifier_loss(net, part, label_smoothing), grad_clip_norm=grad_clip_norm,
-                            ema=ema)
-    return run, summary
 
 
 def print_accuracy_table(summary: dict[str, Any]) -> None:

@@ -154,7 +154,7 @@ class TeacherOutputs:
         per_image = sum(v.numel() * v.element_size() for v in out.values()) / max(batch_images, 1)
         total = per_image * self.images_per_run
         if self.write and total > self.max_bytes:
-            from .run import say
+            from .rundir import say
             self.write = False
             say(f"teachers' outputs not stored: about {total / 1e9:.1f} GB for this run, above "
                 f"--teacher-cache-max-gb {self.max_bytes / 1e9:g} (raise it to share them)")
@@ -185,7 +185,7 @@ def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits: 
     from .config import to_dict
     from .data import steps_per_epoch
     from .distributed import world
-    from .run import say
+    from .rundir import say
 
     if not cfg.teacher_cache:
         return None

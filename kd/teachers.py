@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import file_sha256, load_checkpoint, read_metadata, save_checkpoint
+from .checkpoint import file_sha256, load_checkpoint, load_weights, read_metadata, save_checkpoint
 from .config import ModelConfig, RunConfig, setup, to_dict
 from .distributed import barrier, world
 from .data import DataConfig
 from .errors import CheckpointError, ConfigError, OutputError
 from .modeling import Net, build_net
 from .optim import OptimConfig
-from .run import check_writable, load_weights, say
-from .supervised import resolve_resume, train_classifier
+from .rundir import check_writable, say
+from .supervised import resolve_resume
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,11 @@ def fine_tune(cfg: TeacherConfig) -> dict:
             return {"skipped": True, "ckpt": str(ckpt)}
         say(f"--overwrite True: removing {ckpt}")
         ckpt.unlink()
-    run_dir, summary = train_classifier(cfg, "teacher", cfg.teacher, part="teacher",
-                                        label_smoothing=cfg.label_smoothing, grad_clip_norm=cfg.grad_clip_norm,
-                                        ema=cfg.ema)
-    tree, meta = load_checkpoint(run_dir.path("best.safetensors"))
+    from .methods.ce import FINE_TUNING as CE_ON_THE_TEACHER
+    from .train import distill  # (kd.train loads teachers through this module)
+
+    summary = distill(cfg, CE_ON_THE_TEACHER, "teacher")
+    tree, meta = load_checkpoint(Path(summary["run_dir"]) / "best.safetensors")
     meta = {k: v for k, v in meta.items() if k not in ("format", "code_version")}
     meta.update({"config": to_dict(cfg), "val_acc": summary["best_val_acc"], "test_acc": summary["best_test_acc"]})
     if world().main:

@@ -133,17 +133,19 @@ def _build(cfg: BenchDistillConfig, method: str, provider: str, batch_size: int,
         loss_fn = stage_b_loss(parts, StageBConfig(), total_steps=1000, backend=backend)
         extra = {"mbm": mbm, "projection": projection}
     elif method == "at":
+        from kd.methods import at as at_method
         from recipes import at
 
         at_cfg = dataclasses.replace(at.CONFIG, kernels=backend)
-        loss_fn, _, _ = at.attention_loss(at_cfg, student, teachers[0], device)
+        loss_fn, _, _ = at_method.make_loss(at_cfg, student, {"teacher": teachers[0]}, device, 1000)
         frozen = {"teacher": frozen["teacher1"]}
         extra = {"at_cfg": at_cfg}
     elif method == "kd":  # the peer table's step: Hinton KD from one teacher, SGD 0.05 momentum 0.9, wd 5e-4
-        from recipes import kd, kd_cifar
+        from kd.methods import kd as kd_method
+        from recipes import kd_cifar
 
         kd_cfg = kd_cifar.CONFIG
-        loss_fn, _, _ = kd.hinton_loss(kd_cfg, student, teachers[0], device)
+        loss_fn, _, _ = kd_method.make_loss(kd_cfg, student, {"teacher": teachers[0]}, device, 1000)
         frozen = {"teacher": frozen["teacher1"]}
         optimizer = sgd(kd_cfg.optim.momentum, kd_cfg.optim.weight_decay)
         lr = torch.tensor(kd_cfg.optim.lr, device=device)

@@ -18,17 +18,21 @@ from typing import Callable, Literal
 from kd.checkpoint import read_metadata
 from kd.config import ModelConfig, RunConfig, resolve_device
 from kd.errors import ConfigError
-from kd.run import say
+from kd.methods import REGISTRY
+from kd.methods.base import one_teacher, two_teachers
+from kd.rundir import say
+from kd.teachers import ensure_teacher
 
 from . import at, ce, dkd, ensemble_kd, fitnet, ibkd, kd, report
 from ._cli import parse
-from ._distill import ensure_teacher
 
 Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "ibkd",
                  "ibkd_nolatent", "ibkd_vib", "ibkd_gate", "ibkd_feat", "ibkd_nofeat", "ibkd_avg"]
+# Every method of the registry (kd/methods/) and IB-KD, each run through its preset in recipes/.
 METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd, "ibkd": ibkd}
-SINGLE_TEACHER = ("kd", "at", "fitnet", "dkd")
-TWO_TEACHERS = ("ensemble_kd",)
+assert set(METHODS) == {*REGISTRY, "ibkd"}, "a method of kd.methods.REGISTRY lacks its preset here"
+SINGLE_TEACHER = tuple(name for name, method in REGISTRY.items() if method.teachers is one_teacher)
+TWO_TEACHERS = tuple(name for name, method in REGISTRY.items() if method.teachers is two_teachers)
 
 # IB-KD ablations: the compared IB-KD config with one piece replaced.
 ABLATIONS: dict[str, Callable[["CompareConfig", ibkd.IBKDConfig], ibkd.IBKDConfig]] = {

@@ -7,59 +7,19 @@ Defaults are mdistiller's CIFAR-100 ones (alpha 1, beta 8, T 4, warm-up over 20 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from kd.errors import ConfigError
-from kd.losses import linear_warmup, mixed_dkd_terms
-from kd.step import mixed_cross_entropy
+from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
+from kd.methods.dkd import METHOD, DKDConfig
+from kd.train import distill
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_distillation
 
-
-@dataclass(frozen=True)
-class DKDConfig(DistillConfig):
-    """Decoupled knowledge distillation."""
-
-    alpha: float = 1.0
-    """Weight of TCKD (target-class KD: the binary target-vs-rest probabilities)."""
-    beta: float = 8.0
-    """Weight of NCKD (non-target-class KD: the softmax over the non-target classes)."""
-    temperature: float = 4.0
-    """Softmax temperature T of both KL terms (each scaled by T^2)."""
-    warmup_frac: float = 20 / 240
-    """Fraction of training over which the DKD weight ramps linearly from 0 to 1 (mdistiller: 20 of 240 epochs)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.warmup_frac <= 1.0:
-            raise ConfigError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-
+__all__ = ["CONFIG", "DKDConfig", "run", "main"]
 
 CONFIG = DKDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 
-def single_teacher(cfg: DKDConfig) -> dict:
-    return {"teacher": (cfg.teacher, cfg.teacher_ckpt)}
-
-
-def dkd_objective(cfg: DKDConfig, student, teachers, device, total_steps: int):
-    teacher = teachers["teacher"]
-
-    def loss_fn(params, buffers, frozen, batch, step):
-        teacher_logits, _, logits, _, new_buffers = forward_pair(student, teacher, params, buffers, frozen, batch)
-        ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
-        tckd, nckd = mixed_dkd_terms(logits, teacher_logits, batch, cfg.temperature)
-        warm = linear_warmup(step, total_steps, cfg.warmup_frac)
-        loss = ce + warm * (cfg.alpha * tckd + cfg.beta * nckd)
-        return loss, (new_buffers, {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "warm": warm})
-    return loss_fn, {}, {}
-
-
 def run(cfg: DKDConfig, recipe: str = "dkd") -> dict:
-    return run_distillation(cfg, recipe, single_teacher, dkd_objective)
+    return distill(cfg, METHOD, recipe)
 
 
 def main(argv=None, prog="launch.py recipes.dkd"):

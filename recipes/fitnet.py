@@ -7,56 +7,19 @@ before training and saved with the student.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-from torch import nn
-
-from kd.losses import fitnet_hint
-from kd.models import feature_shapes
-from kd.step import call_stateless, mixed_cross_entropy
+from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
+from kd.methods.fitnet import METHOD, FitNetConfig
+from kd.train import distill
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM, DistillConfig, forward_pair, run_single_teacher
 
-
-@dataclass(frozen=True)
-class FitNetConfig(DistillConfig):
-    """FitNets hint learning from one fine-tuned teacher."""
-
-    hint_stage: str = "stage2"
-    """Student and teacher stage whose maps are matched."""
-    alpha_hint: float = 50.0
-    """Weight of the hint MSE (the peer CIFAR tables use 100)."""
-
+__all__ = ["CONFIG", "FitNetConfig", "run", "main"]
 
 CONFIG = FitNetConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 
-def build_regressor(student_channels: int, teacher_channels: int, device: torch.device) -> nn.Module:
-    """1x1 conv from the student's channels to the teacher's, built eagerly from known shapes."""
-    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=True).to(device)
-
-
-def hint_loss(cfg: FitNetConfig, student, teacher, device):
-    student_channels = feature_shapes(student.eval_skeleton)[cfg.hint_stage][1]
-    teacher_channels = feature_shapes(teacher.eval_skeleton)[cfg.hint_stage][1]
-    regressor = build_regressor(student_channels, teacher_channels, device).train()
-
-    def loss_fn(params, buffers, frozen, batch, step):
-        _, teacher_features, logits, features, new_buffers = forward_pair(student, teacher, params, buffers, frozen,
-                                                                          batch, maps=True)
-        regressed, _ = call_stateless(regressor, params["regressor"], {}, features[cfg.hint_stage], train=True)
-        ce = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
-        hint = fitnet_hint(regressed, teacher_features[cfg.hint_stage])
-        loss = ce + cfg.alpha_hint * hint
-        return loss, (new_buffers, {"ce": ce.detach(), "hint": hint.detach()})
-
-    return loss_fn, {"regressor": {k: v.detach() for k, v in regressor.named_parameters()}}, {"regressor": {}}
-
-
 def run(cfg: FitNetConfig, recipe: str = "fitnet") -> dict:
-    return run_single_teacher(cfg, recipe, hint_loss, maps=True)
+    return distill(cfg, METHOD, recipe)
 
 
 def main(argv=None, prog="launch.py recipes.fitnet"):

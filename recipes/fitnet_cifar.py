@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from kd.methods.base import cifar_table
+
 from . import fitnet as base
 from ._cli import parse
-from ._distill import cifar_table
 
 CONFIG = dataclasses.replace(cifar_table(base.CONFIG), alpha_hint=100.0)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from kd.ibkd import IBKDConfig
 from kd.ibkd_run import train_ibkd
+from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM
 
 __all__ = ["CONFIG", "IBKDConfig", "run", "main"]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from kd.methods.base import cifar_table
+
 from . import kd as base
 from ._cli import parse
-from ._distill import cifar_table
 
 CONFIG = cifar_table(base.CONFIG)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kd.config import ModelConfig
 from kd.ibkd import StageAConfig
-from kd.run import say
+from kd.rundir import say
 
 from . import ce, ibkd, report
 from ._cli import parse

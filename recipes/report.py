@@ -16,7 +16,7 @@ from statistics import mean, stdev
 
 from kd.checkpoint import write_atomically
 from kd.errors import ConfigError, OutputError, writing
-from kd.run import check_writable, say
+from kd.rundir import check_writable, say
 
 from ._cli import parse
 

@@ -38,14 +38,15 @@ from kd.errors import ConfigError
 from kd.ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss, synergy_scale_factor
 from kd.ibkd_run import build_cache, cached_batches, student_side, synergy_logits
 from kd.mbm import MBM
+from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
+from kd.methods.ce import FINE_TUNING as CE_ON_THE_TEACHER
 from kd.modeling import build_net
 from kd.optim import adamw, build_optimizer, lr_schedule
 from kd.step import AmpConfig, compile_step, init_state, make_eval_fn, make_train_step
-from kd.supervised import classifier_loss, constant
+from kd.supervised import constant
 from kd.teachers import FINE_TUNING, fold_batchnorm
 
 from ._cli import parse
-from ._distill import STUDENT_DATA, STUDENT_OPTIM
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
                                                                         c.teacher_epochs / 6))
         optimizer = build_optimizer(optim)
         step = compile_step(make_train_step(
-            classifier_loss(net, "teacher", FINE_TUNING.label_smoothing), optimizer,
+            CE_ON_THE_TEACHER.make_loss(FINE_TUNING, net, {}, device, 0)[0], optimizer,
             lr_schedule(optim, c.train_images // batch, c.teacher_epochs),
             clip_fn=constant(FINE_TUNING.grad_clip_norm, device), amp=amp, device_type=device.type),
             compiled, mode=mode)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import ConfigError
-from kd.run import say
+from kd.rundir import say
 
 from . import compare, ibkd, report
 from ._cli import parse

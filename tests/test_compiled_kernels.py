@@ -78,10 +78,12 @@ def stage_b_case(splits, batches, backend):
 
 
 def at_case(splits, batches, backend):
+    from kd.methods import at as at_method
     from recipes import at
+
     student, teachers = nets(splits)
     cfg = dataclasses.replace(at.CONFIG, kernels=backend)
-    loss_fn, _, _ = at.attention_loss(cfg, student, teachers[1], DEVICE)
+    loss_fn, _, _ = at_method.make_loss(cfg, student, {"teacher": teachers[1]}, DEVICE, 3)
     frozen = {"teacher": {"params": teachers[1].params, "buffers": teachers[1].buffers}}
     return loss_fn, {"student": student.params}, {"student": student.buffers}, frozen, batches
 
@@ -137,6 +139,7 @@ def test_compiled_triton_step_equals_compiled_reference(name, data):
 
 def at_stage_pairs():
     from recipes import at
+
     return at.CONFIG.stages
 
 

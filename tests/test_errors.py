@@ -216,7 +216,8 @@ def test_nan_in_a_later_epoch_names_the_last_good_checkpoint(tmp_path):
 def test_nonfinite_batchnorm_statistics_with_a_finite_loss_are_never_checkpointed(tmp_path):
     from kd.config import RunConfig
     from kd.errors import NonFiniteLossError
-    from kd.run import Run, all_finite, train_loop
+    from kd.loop import all_finite, train_loop
+    from kd.rundir import Run
 
     cfg = RunConfig(compile=False, device="cpu", disable_tqdm=True, log_every=1, epochs=2, out_dir=str(tmp_path),
                     run_name="bn")
@@ -266,7 +267,7 @@ def test_resume_drops_records_after_the_checkpoint_and_orphan_temp_files(run_cop
 
 
 def test_metrics_kept_on_resume_end_at_the_checkpoints_epoch_record():
-    from kd.run import metrics_to_keep
+    from kd.rundir import metrics_to_keep
     records = [{"kind": "epoch", "stage": "A1", "epoch": 1}, {"kind": "step", "stage": "", "epoch": 1, "step": 4},
                {"kind": "epoch", "stage": "", "epoch": 1}, {"kind": "epoch", "stage": "A2", "epoch": 1},
                {"kind": "step", "stage": "", "epoch": 2, "step": 8}]
@@ -279,7 +280,7 @@ def test_metrics_kept_on_resume_end_at_the_checkpoints_epoch_record():
 def test_full_disk_while_logging_names_metrics_jsonl(tmp_path):
     from kd.config import RunConfig
     from kd.errors import OutputError
-    from kd.run import Run
+    from kd.rundir import Run
 
     run = Run.create(RunConfig(out_dir=str(tmp_path), run_name="full"), "unit")
     run.log({"kind": "step", "loss": 1.0})
@@ -387,7 +388,7 @@ def test_an_offline_pretrained_teacher_names_the_recipes_own_flag(tmp_path):
 # 9. The final evaluation: each distinct set of weights once, the same numbers as evaluating every file.
 
 def test_final_evaluation_evaluates_each_distinct_weight_set_once_with_the_same_numbers(tmp_path, monkeypatch):
-    from kd import run as run_module
+    from kd import loop as run_module
     from kd.data import load_splits
     from kd.modeling import build_net
     from kd.step import make_eval_fn
@@ -421,7 +422,7 @@ def test_final_evaluation_evaluates_each_distinct_weight_set_once_with_the_same_
     splits = load_splits(cfg.data, cfg.seed)
     net = build_net(cfg.student, splits.num_classes, torch.device("cpu"))
     eval_fn = make_eval_fn(net.eval_skeleton)
-    from kd.run import load_weights
+    from kd.checkpoint import load_weights
     for name, file in (("best", "best.safetensors"), ("ema_best", "best_ema.safetensors")):
         params, buffers, _ = load_weights(run_dir / file, expect={}, device=torch.device("cpu"))
         for split, data in (("val", splits.val), ("test", splits.test)):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import kd.run
+import kd.loop
 from kd import tree as T
 from kd.checkpoint import load_checkpoint
 from kd.config import ModelConfig
@@ -24,7 +24,7 @@ def _config(tmp_path, name):
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     ce.run(_config(tmp_path, "straight"))
 
-    original_save = kd.run.save_train_state
+    original_save = kd.loop.save_train_state
     saves = {"n": 0}
 
     def save_then_crash(*args, **kwargs):
@@ -33,7 +33,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         if saves["n"] == 1:
             raise KeyboardInterrupt  # as if the machine went away after epoch 1's checkpoint
 
-    monkeypatch.setattr(kd.run, "save_train_state", save_then_crash)
+    monkeypatch.setattr(kd.loop, "save_train_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         ce.run(_config(tmp_path, "interrupted"))
     torch.manual_seed(12345)  # the resumed process starts with a different RNG state

@@ -1,0 +1,130 @@
+"""What every method of :mod:`kd.methods` shares: the :class:`Method` value, the distillation configs, the
+student pipeline of IB-KD's stage B that every baseline uses, and the frozen teachers' forward."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..config import ModelConfig, RunConfig
+from ..data import DataConfig
+from ..modeling import Net
+from ..optim import OptimConfig
+from ..step import AmpConfig, apply_model
+from ..teacher_outputs import frozen_teacher
+from ..teachers import TwoTeachersConfig
+
+# make_loss(cfg, student, teachers, device, total_steps) -> (loss_fn, head_params, head_buffers), where
+# loss_fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics)) is what kd.step differentiates.
+MakeLoss = Callable[[Any, Net, dict[str, Net], torch.device, int], tuple[Callable, dict, dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One distillation method: what :func:`kd.train.distill` needs to run it."""
+
+    name: str
+    """The registry name (recipes.compare's --methods, the summary's method)."""
+    teachers: Callable[[Any], dict[str, tuple[ModelConfig, str]]]
+    """``cfg -> {name: (teacher model, checkpoint)}``: the frozen teachers, under the names the loss reads
+    them by (``frozen[name]``); empty for a method without teachers."""
+    make_loss: MakeLoss
+    """The loss, with its trainable heads (a FitNet regressor), built once before training."""
+    maps: bool = False
+    """The loss reads the teachers' feature maps, so shared teacher outputs (logits and pooled features
+    only, see kd.teacher_outputs) cannot replace their forward."""
+    part: str = "student"
+    """The trained network: its config field (``cfg.student``) and its key in the train state and checkpoints."""
+
+
+def no_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
+    return {}
+
+
+def one_teacher(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
+    return {"teacher": (cfg.teacher, cfg.teacher_ckpt)}
+
+
+def two_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
+    return {"teacher1": (cfg.teacher1, cfg.teacher1_ckpt), "teacher2": (cfg.teacher2, cfg.teacher2_ckpt)}
+
+
+@dataclass(frozen=True)
+class DistillConfig(RunConfig):
+    """A student distilled from one fine-tuned teacher."""
+
+    student: ModelConfig = ModelConfig(arch="resnet8x4")
+    """The student network."""
+    teacher: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
+    """The teacher network (its weights come from --teacher-ckpt)."""
+    teacher_ckpt: str = "checkpoints/resnet152_ft.safetensors"
+    """Fine-tuned teacher weights (recipes.teacher output); fine-tuned first when missing."""
+    teacher_epochs: int = 30
+    """Fine-tuning epochs when the teacher checkpoint is missing."""
+    fold_teacher_bn: bool = True
+    """Fold the frozen teacher's BatchNorm into the convolutions before them (the same function up to float
+    rounding, fewer passes per forward)."""
+    teacher_cache: str = ""
+    """Directory where the frozen teachers' logits and pooled features are kept per training batch, so that
+    runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
+    afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
+    with the feature term) compute them in the step regardless."""
+    teacher_cache_max_gb: float = 10.0
+    """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the student's cross-entropy."""
+    grad_clip_norm: float = 0.0
+    """Global gradient-norm clipping threshold (0 = off)."""
+    ema: bool = True
+    """Keep an EMA of the student (and its BN statistics), reported beside the raw weights."""
+
+
+@dataclass(frozen=True)
+class TwoTeacherConfig(TwoTeachersConfig):
+    """A student distilled from IB-KD's two fine-tuned teachers by a fixed rule (no learned fusion)."""
+
+    label_smoothing: float = 0.0
+    """Label smoothing of the student's cross-entropy."""
+    grad_clip_norm: float = 0.0
+    """Global gradient-norm clipping threshold (0 = off)."""
+    ema: bool = True
+    """Keep an EMA of the student (and its BN statistics), reported beside the raw weights."""
+
+
+# The student pipeline of IB-KD stage B, shared by every baseline so comparisons are like for like.
+STUDENT_DATA = DataConfig(name="cifar100", batch_size=128, mixup_alpha=0.2, cutmix_alpha=0.5, cutmix_prob=0.5)
+STUDENT_OPTIM = OptimConfig(name="adamw", lr=1e-3, weight_decay=5e-4, warmup_epochs=5, min_lr_ratio=0.05)
+
+# The peer CIFAR-100 tables (CRD / mdistiller): SGD 0.05, batch 64, 240 epochs, /10 at 150/180/210, crop+flip.
+CIFAR_TABLE_DATA = DataConfig(name="cifar100", batch_size=64)
+CIFAR_TABLE_OPTIM = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
+                                milestones=(150, 180, 210), gamma=0.1, warmup_epochs=0)
+
+
+def cifar_table(cfg: DistillConfig, *, lr: float = 0.05) -> DistillConfig:
+    """The peer-table variant of a baseline: resnet32x4 -> resnet8x4 with the table's optimizer and data."""
+    return dataclasses.replace(
+        cfg, data=CIFAR_TABLE_DATA, optim=dataclasses.replace(CIFAR_TABLE_OPTIM, lr=lr), epochs=240,
+        student=ModelConfig(arch="resnet8x4"), teacher=ModelConfig(arch="resnet32x4", pretrained=False),
+        teacher_ckpt="checkpoints/resnet32x4_ft.safetensors", label_smoothing=0.0, amp=AmpConfig())
+
+
+def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen: dict, batch: dict, *,
+                 maps: bool = False):
+    """The frozen teacher (eval mode, no gradient; read from the batch when shared, see
+    :mod:`kd.teacher_outputs`) and the student (training mode) on ``batch["x"]``: ``(teacher_logits,
+    teacher_features, logits, features, new_buffers)``. ``maps``: the loss reads the teacher's feature maps."""
+    x = batch["x"]
+    teacher_logits, teacher_features = frozen_teacher("teacher", teacher, frozen, batch, maps=maps)
+    logits, features, student_buffers = apply_model(student.train_skeleton, params["student"], buffers["student"], x,
+                                                    train=True)
+    return teacher_logits, teacher_features, logits, features, {**buffers, "student": student_buffers}
+
+
+def frozen_teacher_logits(teachers: dict[str, Net], frozen: dict, batch: dict) -> list[torch.Tensor]:
+    """Every frozen teacher's logits on ``batch["x"]`` (eval mode, no gradient; read from the batch when
+    shared, see :mod:`kd.teacher_outputs`), in the order of ``teachers``."""
+    return [frozen_teacher(name, net, frozen, batch)[0] for name, net in teachers.items()]
