@@ -44,19 +44,12 @@ class TeacherConfig(RunConfig):
 
 
 @dataclass(frozen=True)
-class TwoTeachersConfig(RunConfig):
-    """A student and the two fine-tuned teachers of IB-KD and of the two-teacher baselines."""
+class FrozenTeachersConfig(RunConfig):
+    """What every run with frozen teachers has: the student, fine-tuning of a missing teacher, how the frozen
+    teachers run and whether their outputs are shared across runs."""
 
     student: ModelConfig = ModelConfig(arch="resnet8x4")
     """The student network."""
-    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
-    """First teacher (weights from --teacher1-ckpt)."""
-    teacher1_ckpt: str = "checkpoints/resnet152_ft.safetensors"
-    """First teacher's fine-tuned weights; fine-tuned first when missing."""
-    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=True)
-    """Second teacher (weights from --teacher2-ckpt)."""
-    teacher2_ckpt: str = "checkpoints/efficientnet_b2_ft.safetensors"
-    """Second teacher's fine-tuned weights; fine-tuned first when missing."""
     teacher_epochs: int = 30
     """Fine-tuning epochs for a teacher whose checkpoint is missing."""
     fold_teacher_bn: bool = True
@@ -69,6 +62,20 @@ class TwoTeachersConfig(RunConfig):
     with the feature term) compute them in the step regardless."""
     teacher_cache_max_gb: float = 10.0
     """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
+
+
+@dataclass(frozen=True)
+class TwoTeachersConfig(FrozenTeachersConfig):
+    """A student and the two fine-tuned teachers of IB-KD and of the two-teacher baselines."""
+
+    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
+    """First teacher (weights from --teacher1-ckpt)."""
+    teacher1_ckpt: str = "checkpoints/resnet152_ft.safetensors"
+    """First teacher's fine-tuned weights; fine-tuned first when missing."""
+    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=True)
+    """Second teacher (weights from --teacher2-ckpt)."""
+    teacher2_ckpt: str = "checkpoints/efficientnet_b2_ft.safetensors"
+    """Second teacher's fine-tuned weights; fine-tuned first when missing."""
 
 
 # SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),

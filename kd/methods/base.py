@@ -9,13 +9,13 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig, RunConfig
+from ..config import ModelConfig
 from ..data import DataConfig
 from ..modeling import Net
 from ..optim import OptimConfig
 from ..step import AmpConfig, apply_model
 from ..teacher_outputs import frozen_teacher
-from ..teachers import TwoTeachersConfig
+from ..teachers import FrozenTeachersConfig, TwoTeachersConfig
 
 # make_loss(cfg, student, teachers, device, total_steps) -> (loss_fn, head_params, head_buffers), where
 # loss_fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics)) is what kd.step differentiates.
@@ -53,27 +53,13 @@ def two_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
 
 
 @dataclass(frozen=True)
-class DistillConfig(RunConfig):
+class DistillConfig(FrozenTeachersConfig):
     """A student distilled from one fine-tuned teacher."""
 
-    student: ModelConfig = ModelConfig(arch="resnet8x4")
-    """The student network."""
     teacher: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
     """The teacher network (its weights come from --teacher-ckpt)."""
     teacher_ckpt: str = "checkpoints/resnet152_ft.safetensors"
     """Fine-tuned teacher weights (recipes.teacher output); fine-tuned first when missing."""
-    teacher_epochs: int = 30
-    """Fine-tuning epochs when the teacher checkpoint is missing."""
-    fold_teacher_bn: bool = True
-    """Fold the frozen teacher's BatchNorm into the convolutions before them (the same function up to float
-    rounding, fewer passes per forward)."""
-    teacher_cache: str = ""
-    """Directory where the frozen teachers' logits and pooled features are kept per training batch, so that
-    runs on the same data, seed and teachers (the methods of one comparison) compute them once and read them
-    afterwards ('' = every run computes them in its step). Methods that read feature maps (at, fitnet, ibkd
-    with the feature term) compute them in the step regardless."""
-    teacher_cache_max_gb: float = 10.0
-    """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
     label_smoothing: float = 0.0
     """Label smoothing of the student's cross-entropy."""
     grad_clip_norm: float = 0.0
