@@ -128,18 +128,9 @@ def time_steps(step: Callable, state: dict, batches: Iterator[dict], images: int
             torch.compiler.cudagraph_mark_step_begin()
         state, _ = step(state, next(batches))
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        one()
-    _sync(device)
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    _sync(device)
-    rate = images * steps / (time.perf_counter() - t0)
+    seconds, warm = timed(one, warmup, steps, device)
     # A CUDA graph's outputs are overwritten by the next replay of any graph: keep copies for the later parts.
-    return (T.clone(state) if cudagraphs else state), rate, warm
+    return (T.clone(state) if cudagraphs else state), images * steps / seconds, warm
 
 
 def time_eval(eval_fn: Callable, params: dict, buffers: dict, x: torch.Tensor, warmup: int, steps: int,
@@ -150,6 +141,12 @@ def time_eval(eval_fn: Callable, params: dict, buffers: dict, x: torch.Tensor, w
             torch.compiler.cudagraph_mark_step_begin()
         eval_fn(params, buffers, x)
 
+    seconds, warm = timed(one, warmup, steps, device)
+    return x.shape[0] * steps / seconds, warm
+
+
+def timed(one: Callable[[], None], warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """``(seconds of steps calls, seconds of the warmup calls before them)`` of ``one``, the device synced."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         one()
@@ -159,7 +156,7 @@ def time_eval(eval_fn: Callable, params: dict, buffers: dict, x: torch.Tensor, w
     for _ in range(steps):
         one()
     _sync(device)
-    return x.shape[0] * steps / (time.perf_counter() - t0), warm
+    return time.perf_counter() - t0, warm
 
 
 class Report:
