@@ -7,11 +7,11 @@ every fixture byte-identical. A future change that tracebacks, writes or overwri
 """
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -179,13 +179,33 @@ def test_there_are_at_least_thirty_cases():
     assert len(CASES) >= 30
 
 
+@pytest.fixture(scope="module")
+def outcomes(fx, tmp_path_factory) -> dict:
+    """Every case run once, two at a time (2 cores): each of two workers has its own copy of the fixtures
+    and checksums it before and after each of its cases, so a change is still pinned to the case that made
+    it. ``{name: (process, fixtures before, fixtures after, files in the case's directory, case directory)}``."""
+    copy = tmp_path_factory.mktemp("fixtures_copy") / "fx"
+    shutil.copytree(fx, copy)
+
+    def work(root: Path, names: list[str]) -> dict:
+        out = {}
+        for name in names:
+            args, _, _ = case_args(root)[name]
+            cwd = tmp_path_factory.mktemp(f"case_{name}")
+            before = snapshot(root)
+            proc = launch(*args, cwd=cwd)
+            out[name] = (proc, before, snapshot(root), snapshot(cwd), cwd)
+        return out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(work, root, CASES[i::2]) for i, root in enumerate((fx, copy))]
+        return {name: outcome for job in jobs for name, outcome in job.result().items()}
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_hostile_input_is_refused_cleanly(fx, tmp_path, name):
-    args, code, fragments = case_args(fx)[name]
-    before = snapshot(fx)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    proc = launch(*args, cwd=cwd)
+def test_hostile_input_is_refused_cleanly(fx, outcomes, name):
+    _, code, fragments = case_args(fx)[name]
+    proc, before, after, created, cwd = outcomes[name]
     assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     if code == 1:
@@ -193,9 +213,9 @@ def test_hostile_input_is_refused_cleanly(fx, tmp_path, name):
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
         for fragment in fragments:
             assert str(fragment) in lines[0], (fragment, lines[0])
-    assert snapshot(cwd) == {}, "the command created files"
-    assert snapshot(fx) == before, "the command changed a fixture"
-    assert not (fx / "absolute_run").exists() and not (tmp_path / "escaped").exists()
+    assert created == {}, "the command created files"
+    assert after == before, "the command changed a fixture"
+    assert not (cwd.parent / "escaped").exists()  # --run-name ../../escaped, relative to cwd/runs
 
 
 def test_kernels_triton_on_a_cpu_without_the_interpreter(fx, tmp_path):
