@@ -221,6 +221,21 @@ def student_side(cfg: IBKDConfig, teachers: tuple[Net, Net], num_classes: int, d
     return student, projection, adapters, params, buffers
 
 
+def stage_b_step(cfg: IBKDConfig, parts: StageBParts, spe: int, epochs: int, *, amp, device: torch.device,
+                 compiled: bool, mode: str | None):
+    """Stage B's pure train step (compiled when ``compiled``) and its optimizer: the loss of
+    :func:`kd.ibkd.stage_b_loss`, the run's learning-rate schedule and the stage-B clipping schedule over
+    ``spe * epochs`` steps."""
+    total_steps = spe * epochs
+    optimizer = build_optimizer(cfg.optim)
+    step = compile_step(make_train_step(
+        stage_b_loss(parts, cfg.stage_b, total_steps, backend=cfg.kernels), optimizer,
+        lr_schedule(cfg.optim, spe, epochs),
+        clip_fn=stage_b_clip(cfg.grad_clip_norm_init, cfg.grad_clip_norm_final, cfg.grad_clip_warmup_frac, total_steps),
+        amp=amp, device_type=device.type), compiled, mode=mode)
+    return step, optimizer
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole method
 
@@ -270,15 +285,9 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
     if scale_synergy:  # set after each stage A; a resumed run restores it with the frozen MBM
         frozen["synergy_scale"] = torch.ones((), device=device)
 
-    spe = steps_per_epoch(splits, cfg.data)
-    total_steps = spe * cfg.epochs
-    optimizer = build_optimizer(cfg.optim)
     parts = StageBParts(student, projection, teachers, mbm_eval, adapters, cfg.mbm.z_dim)
-    step_b = compile_step(make_train_step(
-        stage_b_loss(parts, cfg.stage_b, total_steps, backend=cfg.kernels), optimizer,
-        lr_schedule(cfg.optim, spe, cfg.epochs),
-        clip_fn=stage_b_clip(cfg.grad_clip_norm_init, cfg.grad_clip_norm_final, cfg.grad_clip_warmup_frac, total_steps),
-        amp=cfg.amp, device_type=device.type), cfg.compile, mode=compile_mode(cfg))
+    step_b, optimizer = stage_b_step(cfg, parts, steps_per_epoch(splits, cfg.data), cfg.epochs, amp=cfg.amp,
+                                     device=device, compiled=cfg.compile, mode=compile_mode(cfg))
     state = init_state(params, buffers, optimizer, frozen=frozen, ema=cfg.ema, amp=cfg.amp)
     meta = {**student.meta(cfg.student, splits.name), "kernels": cfg.kernels, TEACHER_HASHES: hashes}
     info: dict = {"epoch": 0}

@@ -35,8 +35,8 @@ from kd import tree as T
 from kd.config import ModelConfig, device_label, resolve_device, resolve_kernels
 from kd.data import DataConfig, Dataset, eval_batches, load_splits, train_batches
 from kd.errors import ConfigError
-from kd.ibkd import IBKDConfig, StageBParts, stage_a_loss, stage_b_clip, stage_b_loss, synergy_scale_factor
-from kd.ibkd_run import build_cache, cached_batches, student_side, synergy_logits
+from kd.ibkd import IBKDConfig, StageBParts, stage_a_loss, synergy_scale_factor
+from kd.ibkd_run import build_cache, cached_batches, stage_b_step, student_side, synergy_logits
 from kd.mbm import MBM
 from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
 from kd.methods.ce import FINE_TUNING as CE_ON_THE_TEACHER
@@ -322,15 +322,9 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
     if ib.stage_b.synergy_scale == "teachers":
         frozen["synergy_scale"] = synergy_scale_factor(synergy_logits(mbm_eval, mbm_params, cache),
                                                        cache.logits[0]).to(device)
-    spe = c.train_images // batch
-    total_steps = spe * c.stage_b_epochs
-    optimizer = build_optimizer(ib.optim)
     parts = StageBParts(student, projection, teachers, mbm_eval, adapters, ib.mbm.z_dim)
-    step = compile_step(make_train_step(
-        stage_b_loss(parts, ib.stage_b, total_steps, backend=cfg.kernels), optimizer,
-        lr_schedule(ib.optim, spe, c.stage_b_epochs),
-        clip_fn=stage_b_clip(ib.grad_clip_norm_init, ib.grad_clip_norm_final, ib.grad_clip_warmup_frac, total_steps),
-        amp=amp, device_type=device.type), compiled, mode=mode)
+    step, optimizer = stage_b_step(dataclasses.replace(ib, kernels=cfg.kernels), parts, c.train_images // batch,
+                                   c.stage_b_epochs, amp=amp, device=device, compiled=compiled, mode=mode)
     state = init_state(params, buffers, optimizer, frozen=frozen, ema=ib.ema, amp=amp)
     batches = cycle(lambda epoch: _layout(train_batches(splits, ib.data, seed=cfg.seed, epoch=epoch, device=device),
                                           cfg.channels_last))
