@@ -28,7 +28,7 @@ from .rundir import Run, say
 from .step import apply_model, call_stateless, compile_step, init_state, make_eval_fn, make_train_step
 from .supervised import constant, prepare, print_accuracy_table, resolve_resume
 from .teacher_outputs import teacher_outputs_for
-from .teachers import TEACHER_HASHES, check_same_teachers, ensure_teacher, load_teacher, teacher_hashes
+from .teachers import TEACHER_HASHES, ensure_teacher, load_teacher, teacher_hashes
 
 # ----------------------------------------------------------------------------------------------
 # Teacher features, computed once (the teachers are frozen)
@@ -253,9 +253,7 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
                                   dataset=splits.name)
                      for m, c in ((cfg.teacher1, cfg.teacher1_ckpt), (cfg.teacher2, cfg.teacher2_ckpt)))
     ckpts = {"teacher1": cfg.teacher1_ckpt, "teacher2": cfg.teacher2_ckpt}
-    hashes = teacher_hashes(ckpts)
-    if cfg.resume and (run.root / "last.safetensors").exists():  # .root: reading it changes nothing
-        check_same_teachers(run.root / "last.safetensors", ckpts, hashes)
+    hashes = teacher_hashes(ckpts, run.root if cfg.resume else None)
     caches = {split: build_cache(teachers, data, splits, cfg.data, seed=cfg.seed, device=device,
                                  views=cfg.stage_a.cache_views if split == "train" else 1,
                                  channels_last=cfg.channels_last)
@@ -297,8 +295,8 @@ def train_ibkd(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
         say(f"resuming {run.root} after student epoch {info['epoch']}")
 
     eval_fn = compile_step(make_eval_fn(student.eval_skeleton), cfg.compile, mode=compile_mode(cfg))
-    shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], cfg.teacher1_ckpt),
-                                       "teacher2": (teachers[1], cfg.teacher2_ckpt)},
+    shared = teacher_outputs_for(cfg, {"teacher1": (teachers[0], hashes["teacher1"]),
+                                       "teacher2": (teachers[1], hashes["teacher2"])},
                                  splits, device, method=recipe, maps=cfg.stage_b.gamma > 0)  # the feature term
     batches = shared.wrap(training_batches(cfg, splits, device)) if shared is not None else None
     last_val = None  # the final student epoch's validation accuracies, when this invocation trains it

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .checkpoint import file_sha256, write_atomically
+from .checkpoint import write_atomically
 from .errors import OutputError
 from .modeling import Net
 from .step import AmpConfig, apply_model, autocast_dtype
@@ -179,7 +179,8 @@ class TeacherOutputs:
 
 def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits: Any,
                         device: torch.device, *, method: str, maps: bool = False) -> TeacherOutputs | None:
-    """The shared outputs of a run's frozen teachers (``{name: (net, checkpoint path)}``) when
+    """The shared outputs of a run's frozen teachers (``{name: (net, sha256 of its checkpoint file)}``, the
+    hashes :func:`kd.teachers.teacher_hashes` recorded for the run, so no file is read twice) when
     ``cfg.teacher_cache`` names a directory, else None. ``maps``: the loss reads the teachers' feature maps,
     which are not stored, so nothing is shared (one line says so). ``method`` is named in the notices."""
     from .config import to_dict
@@ -194,8 +195,8 @@ def teacher_outputs_for(cfg: Any, teachers: dict[str, tuple[Net, str]], splits: 
         return None
     w = world()
     identity = {
-        "teachers": {name: {"arch": net.arch, "sha256": file_sha256(ckpt), "num_classes": net.num_classes}
-                     for name, (net, ckpt) in teachers.items()},
+        "teachers": {name: {"arch": net.arch, "sha256": digest, "num_classes": net.num_classes}
+                     for name, (net, digest) in teachers.items()},
         "fold_bn": bool(getattr(cfg, "fold_teacher_bn", False)), "channels_last": cfg.channels_last,
         "amp": to_dict(cfg.amp), "data": to_dict(cfg.data), "dataset": splits.description, "seed": cfg.seed,
         "rank": w.rank, "world_size": w.size, "device": device.type,

@@ -175,21 +175,22 @@ def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.
 TEACHER_HASHES = "teacher_sha256"  # train-state metadata: {teacher name: sha256 of its checkpoint file}
 
 
-def teacher_hashes(ckpts: dict[str, str]) -> dict[str, str]:
-    """``{teacher name: sha256}`` of the teachers' checkpoint files, recorded in a run's train state."""
-    return {name: file_sha256(path) for name, path in ckpts.items()}
-
-
-def check_same_teachers(last: Path, ckpts: dict[str, str], hashes: dict[str, str]) -> None:
-    """Refuse to resume from ``last`` (a train state) when a teacher's checkpoint file is not the one the run
-    started with: the student would continue against another teacher. A state saved before the hashes were
-    recorded has nothing to compare with."""
+def teacher_hashes(ckpts: dict[str, str], resumed: Path | None = None) -> dict[str, str]:
+    """``{teacher name: sha256}`` of the teachers' checkpoint files, recorded in a run's train state. With
+    ``resumed`` (the run directory of ``--resume``), a teacher whose file changed since the run started is
+    refused: the student would continue against another teacher. A state saved before the hashes were
+    recorded has nothing to compare with; reading the run's files changes none of them."""
+    hashes = {name: file_sha256(path) for name, path in ckpts.items()}
+    last = resumed / "last.safetensors" if resumed is not None else None
+    if last is None or not last.exists():
+        return hashes
     stored = json.loads(read_metadata(last).get(TEACHER_HASHES, "{}"))
     for name, digest in hashes.items():
         if name in stored and stored[name] != digest:
             raise CheckpointError(f"cannot resume {last.parent}: {name}'s checkpoint {ckpts[name]} has changed since "
                                   f"the run started (sha256 {stored[name][:12]}... then, {digest[:12]}... now); put "
                                   f"the original file back, or start a new run with this teacher")
+    return hashes
 
 
 def fold_batchnorm(net: Net, *, channels_last: bool = False) -> Net:

@@ -16,7 +16,7 @@ from .methods.base import Method
 from .modeling import build_net
 from .supervised import Extras, prepare, resolve_resume, train_network
 from .teacher_outputs import teacher_outputs_for
-from .teachers import TEACHER_HASHES, check_same_teachers, ensure_teacher, load_teacher, teacher_hashes
+from .teachers import TEACHER_HASHES, ensure_teacher, load_teacher, teacher_hashes
 
 
 def distill(cfg: RunConfig, method: Method, recipe: str) -> dict[str, Any]:
@@ -34,10 +34,8 @@ def distill(cfg: RunConfig, method: Method, recipe: str) -> dict[str, Any]:
     extras = Extras()
     if specs:
         ckpts = {name: ckpt for name, (_, ckpt) in specs.items()}
-        hashes = teacher_hashes(ckpts)
-        if cfg.resume and (run.root / "last.safetensors").exists():  # .root: reading it changes nothing
-            check_same_teachers(run.root / "last.safetensors", ckpts, hashes)
-        shared = teacher_outputs_for(cfg, {name: (net, ckpts[name]) for name, net in teachers.items()}, splits,
+        hashes = teacher_hashes(ckpts, run.root if cfg.resume else None)
+        shared = teacher_outputs_for(cfg, {name: (net, hashes[name]) for name, net in teachers.items()}, splits,
                                      device, method=recipe, maps=method.maps)
         extras = Extras(frozen={name: {"params": net.params, "buffers": net.buffers} for name, net in teachers.items()},
                         summary={"method": recipe, "teachers": [model.arch for model, _ in specs.values()]},
