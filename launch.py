@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# MKL's matrix products on a CPU may round differently from one process to the next (its code path depends on
+# the memory it is given); its compatible branch does not, so a resumed run equals an uninterrupted one bit for
+# bit. Set before torch loads MKL; a value already in the environment is kept.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

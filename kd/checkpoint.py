@@ -156,7 +156,10 @@ def load_checkpoint(path: str | os.PathLike, *, expect: dict[str, Any] | None = 
     except Exception as exc:  # safetensors raises several types for a bad header or a short file
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    tree = T.unflatten({k: v.to(device) for k, v in flat.items()})
+    # Fresh allocations: a tensor read from the file's bytes sits at whatever offset its header left, and the
+    # BLAS kernels' rounding can depend on the alignment of their inputs (a resumed run would then differ from an
+    # uninterrupted one in the last bits); allocated tensors are aligned like every other.
+    tree = T.unflatten({k: torch.empty_like(v, device=device).copy_(v) for k, v in flat.items()})
     return tree, meta
 
 

@@ -120,8 +120,7 @@ def _differences(saved: dict[str, Any], asked: dict[str, Any], prefix: str = "")
 
 
 def prepare(cfg: RunConfig, recipe: str) -> tuple[RunConfig, torch.device, Splits, Run]:
-    """Resolve ``--resume``, the device, the data and the run directory."""
-    cfg = resolve_resume(cfg)
+    """The device, the data and the run directory of a config :func:`resolve_resume` has resolved."""
     cfg, device = setup(cfg)
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)

@@ -40,9 +40,8 @@ import torch
 
 import kernels
 from kd.config import ModelConfig, device_label, resolve_device
-from kd.ibkd import StageBConfig, StageBParts, latent_scale, stage_b_loss
 from kd.losses import hinton_kd
-from kd.mbm import MBM, MBMConfig, ProjectionHead
+from kd.methods.ibkd import MBM, MBMConfig, ProjectionHead, StageBConfig, StageBParts, latent_scale, stage_b_loss
 from kd.modeling import build_net
 from kd.models import feature_shapes
 from kd.optim import adamw, sgd
@@ -137,7 +136,7 @@ def _build(cfg: BenchDistillConfig, method: str, provider: str, batch_size: int,
         from recipes import at
 
         at_cfg = dataclasses.replace(at.CONFIG, kernels=backend)
-        loss_fn, _, _ = at_method.make_loss(at_cfg, student, {"teacher": teachers[0]}, device, 1000)
+        loss_fn = at_method.make_loss(at_cfg, student, {"teacher": teachers[0]}, device, 1000).fn
         frozen = {"teacher": frozen["teacher1"]}
         extra = {"at_cfg": at_cfg}
     elif method == "kd":  # the peer table's step: Hinton KD from one teacher, SGD 0.05 momentum 0.9, wd 5e-4
@@ -145,7 +144,7 @@ def _build(cfg: BenchDistillConfig, method: str, provider: str, batch_size: int,
         from recipes import kd_cifar
 
         kd_cfg = kd_cifar.CONFIG
-        loss_fn, _, _ = kd_method.make_loss(kd_cfg, student, {"teacher": teachers[0]}, device, 1000)
+        loss_fn = kd_method.make_loss(kd_cfg, student, {"teacher": teachers[0]}, device, 1000).fn
         frozen = {"teacher": frozen["teacher1"]}
         optimizer = sgd(kd_cfg.optim.momentum, kd_cfg.optim.weight_decay)
         lr = torch.tensor(kd_cfg.optim.lr, device=device)

@@ -1,6 +1,6 @@
 """Compare methods like for like over several seeds: every method's students in one table and one plot.
 
-Methods: ce, kd, at, fitnet, dkd, ensemble_kd, ibkd and the IB-KD ablations. Every method gets the same
+Methods: ce, kd, at, fitnet, dkd, ensemble_kd, camkd, ibkd and the IB-KD ablations. Every method gets the same
 data, student, budget, optimizer and augmentation; the two teachers are fine-tuned once (or reused from
 their checkpoints) and shared. The single-teacher baselines (kd, at, fitnet, dkd) distil from
 ``--single-teacher``: by default the stronger teacher by validation accuracy. The IB-KD ablations are
@@ -23,14 +23,16 @@ from kd.methods.base import one_teacher, two_teachers
 from kd.rundir import say
 from kd.teachers import ensure_teacher
 
-from . import at, ce, dkd, ensemble_kd, fitnet, ibkd, kd, report
+from . import at, camkd, ce, dkd, ensemble_kd, fitnet, ibkd, kd, report
 from ._cli import parse
 
-Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "ibkd",
-                 "ibkd_nolatent", "ibkd_vib", "ibkd_gate", "ibkd_feat", "ibkd_nofeat", "ibkd_avg"]
+Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "camkd", "ibkd",
+                 "ibkd_nolatent", "ibkd_vib", "ibkd_gate", "ibkd_feat", "ibkd_nofeat", "ibkd_avg", "ibkd_nobridge",
+                 "ibkd_onestage", "ibkd_avgtarget"]
 # Every method of the registry (kd/methods/) and IB-KD, each run through its preset in recipes/.
-METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd, "ibkd": ibkd}
-assert set(METHODS) == {*REGISTRY, "ibkd"}, "a method of kd.methods.REGISTRY lacks its preset here"
+METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd,
+           "camkd": camkd, "ibkd": ibkd}
+assert set(METHODS) == set(REGISTRY), "a method of kd.methods.REGISTRY lacks its preset here"
 SINGLE_TEACHER = tuple(name for name, method in REGISTRY.items() if method.teachers is one_teacher)
 TWO_TEACHERS = tuple(name for name, method in REGISTRY.items() if method.teachers is two_teachers)
 
@@ -47,8 +49,16 @@ ABLATIONS: dict[str, Callable[["CompareConfig", ibkd.IBKDConfig], ibkd.IBKDConfi
         c, stage_b=dataclasses.replace(c.stage_b, gamma=cmp.ablation_gamma)),
     # the feature term switched off (for a compared config that has it on)
     "ibkd_nofeat": lambda cmp, c: dataclasses.replace(c, stage_b=dataclasses.replace(c.stage_b, gamma=0.0)),
-    # the MBM replaced by the plain average of the teachers
-    "ibkd_avg": lambda cmp, c: dataclasses.replace(c, mbm=dataclasses.replace(c.mbm, kind="avg")),
+    # the MBM replaced by the plain average of the teachers (a stage A that does not exist sees no student)
+    "ibkd_avg": lambda cmp, c: dataclasses.replace(
+        c, mbm=dataclasses.replace(c.mbm, kind="avg"), stage_a=dataclasses.replace(c.stage_a, student_kd=0.0),
+        stage_b=dataclasses.replace(c.stage_b, kd_target="synergy")),
+    # stage A without the bridging term (it never sees the student's predictions)
+    "ibkd_nobridge": lambda cmp, c: dataclasses.replace(c, stage_a=dataclasses.replace(c.stage_a, student_kd=0.0)),
+    # one stage A then all student epochs (no alternation)
+    "ibkd_onestage": lambda cmp, c: dataclasses.replace(c, num_stages=1),
+    # stage B distils the teachers' average logits instead of the synergy (the latent term still uses the MBM)
+    "ibkd_avgtarget": lambda cmp, c: dataclasses.replace(c, stage_b=dataclasses.replace(c.stage_b, kd_target="average")),
 }
 
 
@@ -68,10 +78,11 @@ class CompareConfig(ibkd.IBKDConfig):
     """IB-KD's config (its teachers, MBM and stage settings are the shared ones) plus what to compare;
     the other methods keep their recipes' method-specific defaults."""
 
-    methods: tuple[Method, ...] = ("ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd")
+    methods: tuple[Method, ...] = ("ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd", "camkd")
     """Methods to run. IB-KD ablations (not run by default): ibkd_nolatent (latent_alpha 0), ibkd_vib / ibkd_gate
     (mbm.kind vib / gate), ibkd_feat / ibkd_nofeat (stage_b.gamma = --ablation-gamma / 0), ibkd_avg (MBM replaced
-    by the teacher average)."""
+    by the teacher average), ibkd_nobridge (stage_a.student_kd 0), ibkd_onestage (num_stages 1), ibkd_avgtarget
+    (stage_b.kd_target average)."""
     seeds: tuple[int, ...] = (0, 1)
     """Run seeds (initialisation, data order, augmentation); the validation split stays data.split_seed."""
     single_teacher: Literal["teacher1", "teacher2", "stronger"] = "stronger"

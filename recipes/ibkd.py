@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kd.ibkd import IBKDConfig
-from kd.ibkd_run import train_ibkd
 from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
+from kd.methods.ibkd import METHOD, IBKDConfig
+from kd.train import distill
 
 from ._cli import parse
 
@@ -14,7 +14,7 @@ CONFIG = IBKDConfig(data=STUDENT_DATA, optim=STUDENT_OPTIM, epochs=90)
 
 
 def run(cfg: IBKDConfig, recipe: str = "ibkd") -> dict:
-    return train_ibkd(cfg, recipe)
+    return distill(cfg, METHOD, recipe)
 
 
 def main(argv=None, prog="launch.py recipes.ibkd"):

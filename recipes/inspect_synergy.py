@@ -21,11 +21,9 @@ from kd.checkpoint import load_checkpoint
 from kd.config import from_dict, resolve_device
 from kd.data import eval_batches, load_splits, train_batches
 from kd.errors import ConfigError
-from kd.ibkd import IBKDConfig, logit_spread, teacher_average
-from kd.ibkd_run import teacher_outputs
-from kd.mbm import MBM
+from kd.methods.ibkd import MBM, IBKDConfig, logit_spread, teacher_average
 from kd.models import feature_shapes
-from kd.step import call_stateless
+from kd.step import apply_model, call_stateless
 from kd.teachers import load_teacher
 
 from ._cli import parse
@@ -54,13 +52,16 @@ def run(cfg: InspectConfig) -> dict:
         raise ConfigError(f"{root} is not an IB-KD run directory (no config.json)")
     run_cfg = from_dict(IBKDConfig, {k: v for k, v in json.loads((root / "config.json").read_text()).items()
                                      if k != "recipe"})
+    if run_cfg.mbm.kind in ("attn", "avg"):
+        raise ConfigError(f"{root} fuses its teachers with mbm.kind {run_cfg.mbm.kind}: this inspection compares a "
+                          f"gate or vib MBM's synergy (which needs no student) with the teachers' average")
     device = resolve_device(cfg.device)
     splits = load_splits(run_cfg.data, run_cfg.seed)
     teachers = tuple(load_teacher(m, c, splits.num_classes, device, dataset=splits.name) for m, c in
                      ((run_cfg.teacher1, run_cfg.teacher1_ckpt), (run_cfg.teacher2, run_cfg.teacher2_ckpt)))
     tree, _ = load_checkpoint(root / f"mbm_stage{cfg.stage}.safetensors", device=device)
     dims = tuple(feature_shapes(t.eval_skeleton)["pooled"][1] for t in teachers)
-    mbm = MBM(run_cfg.mbm, dims, splits.num_classes).to(device).eval()
+    mbm = MBM(run_cfg.mbm, dims, splits.num_classes, adapters=run_cfg.stage_a.teacher_adapters).to(device).eval()
     params = tree["params"]["mbm"]
     # stage_b.synergy_scale "teachers": the divisor stage B applied (recorded in the run's summary)
     summary_path = root / "summary.json"
@@ -71,8 +72,9 @@ def run(cfg: InspectConfig) -> dict:
         sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in names}
         count = 0
         for _, batch in zip(range(cfg.batches), batches):
-            logits, pooled, _ = teacher_outputs(teachers, batch["x"])
             with torch.no_grad():
+                outputs = [apply_model(t.eval_skeleton, t.params, t.buffers, batch["x"], train=False) for t in teachers]
+                logits, pooled = [out[0] for out in outputs], [out[1]["pooled"] for out in outputs]
                 synergy = call_stateless(mbm, params, {}, *pooled, train=False)[0]["logits"]
             targets = [teacher_average(logits), synergy] + ([synergy.float() / scale] if scale else [])
             for name, lg in zip(names, targets):

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kd.config import ModelConfig
-from kd.ibkd import StageAConfig
+from kd.methods.ibkd import StageAConfig
 from kd.rundir import say
 
 from . import ce, ibkd, report

@@ -3,8 +3,8 @@
 The default pipeline's own pieces, each limited to ``--warmup`` + ``--steps`` steps: fine-tuning teacher 1
 (resnet152) and teacher 2 (efficientnet_b2) with SPEC 5's step (``kd.teachers.FINE_TUNING``: AdamW, mixup,
 RandAugment, label smoothing, clipping), their evaluation forward, the stage-A feature cache
-(``kd.ibkd_run.build_cache``), stage A (the MBM on cached features) and stage B (student resnet8x4 from the frozen,
-BN-folded teachers and MBM, ``kd.ibkd.stage_b_loss``), and the student's evaluation forward. Weights start from
+(``kd.stage_a.build_cache``), stage A (the MBM on cached features) and stage B (student resnet8x4 from the frozen,
+BN-folded teachers and MBM, ``kd.methods.ibkd.stage_b_loss``), and the student's evaluation forward. Weights start from
 scratch (``pretrained False``: no download) and the data is the synthetic set shaped like CIFAR-100 (100 classes,
 32x32), batched by the real training pipeline (augmentation and mixing included). On CUDA the steps run in bf16
 autocast and compiled (``--amp``/``--compile`` 'auto'), as a GPU run would.
@@ -22,7 +22,6 @@ stage B 90 epochs; validation every epoch, the student's with its EMA too) and w
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from kd import tree as T
 from kd.config import ModelConfig, device_label, resolve_device, resolve_kernels
 from kd.data import DataConfig, Dataset, eval_batches, load_splits, train_batches
 from kd.errors import ConfigError
-from kd.ibkd import IBKDConfig, StageBParts, stage_a_loss, synergy_scale_factor
-from kd.ibkd_run import build_cache, cached_batches, stage_b_step, student_side, synergy_logits
-from kd.mbm import MBM
+from kd.methods.ibkd import METHOD as IBKD, IBKDConfig, stage_a_loss, synergy_scale_factor
+from kd.stage_a import build_cache, cached_batches
+from kd.train import build_step
 from kd.methods.base import STUDENT_DATA, STUDENT_OPTIM
 from kd.methods.ce import FINE_TUNING as CE_ON_THE_TEACHER
 from kd.modeling import build_net
@@ -255,7 +254,7 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
                                                                         c.teacher_epochs / 6))
         optimizer = build_optimizer(optim)
         step = compile_step(make_train_step(
-            CE_ON_THE_TEACHER.make_loss(FINE_TUNING, net, {}, device, 0)[0], optimizer,
+            CE_ON_THE_TEACHER.make_loss(FINE_TUNING, net, {}, device, 0).fn, optimizer,
             lr_schedule(optim, c.train_images // batch, c.teacher_epochs),
             clip_fn=constant(FINE_TUNING.grad_clip_norm, device), amp=amp, device_type=device.type),
             compiled, mode=mode)
@@ -297,15 +296,16 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
     report.add("feature cache", eval_batch, cached / (time.perf_counter() - t0), warm,
                c.train_images + c.val_images + c.test_images, "both teachers, eval forward, once")
 
-    # Stage A: the MBM on the cached features.
-    dims = (cache.teacher1.shape[-1], cache.teacher2.shape[-1])
-    torch.manual_seed(cfg.seed)
-    mbm_train = MBM(ib.mbm, dims, k, backend=cfg.kernels).to(device).train()
-    mbm_eval = copy.deepcopy(mbm_train).eval()
+    # Stage A: the MBM on the cached features (IB-KD's loss built as kd.train.distill builds it).
+    student = build_net(ib.student, k, device, channels_last=cfg.channels_last, seed=cfg.seed, flag="--student")
+    named = {"teacher1": teachers[0], "teacher2": teachers[1]}
+    loss = IBKD.make_loss(dataclasses.replace(ib, kernels=cfg.kernels), student, named, device,
+                          c.train_images // batch * c.stage_b_epochs)
+    mbm_train = loss.stages.mbm_train
     a = ib.stage_a
     optimizer = adamw(weight_decay=a.weight_decay, decoupled=False)
     lr = torch.tensor(a.lr, device=device)
-    step = compile_step(make_train_step(stage_a_loss(mbm_train, a.beta), optimizer, lambda s: lr,
+    step = compile_step(make_train_step(stage_a_loss(mbm_train, a), optimizer, lambda s: lr,
                                         clip_fn=constant(a.grad_clip_norm, device), device_type=device.type),
                         compiled, mode=mode)
     state = init_state({"mbm": {n_: p.detach() for n_, p in mbm_train.named_parameters()}}, {}, optimizer, ema=False)
@@ -315,17 +315,15 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
                f"MBM on cached features, {c.stage_a_epochs} epochs")
     mbm_params = state["params"]["mbm"]
 
-    # Stage B: the student from the frozen teachers and MBM, as kd.ibkd_run.train_ibkd builds it.
-    student, projection, adapters, params, buffers = student_side(ib, teachers, k, device)
-    frozen = {"teacher1": {"params": teachers[0].params, "buffers": teachers[0].buffers},
-              "teacher2": {"params": teachers[1].params, "buffers": teachers[1].buffers}, "mbm": mbm_params}
-    if ib.stage_b.synergy_scale == "teachers":
-        frozen["synergy_scale"] = synergy_scale_factor(synergy_logits(mbm_eval, mbm_params, cache),
-                                                       cache.logits[0]).to(device)
-    parts = StageBParts(student, projection, teachers, mbm_eval, adapters, ib.mbm.z_dim)
-    step, optimizer = stage_b_step(dataclasses.replace(ib, kernels=cfg.kernels), parts, c.train_images // batch,
-                                   c.stage_b_epochs, amp=amp, device=device, compiled=compiled, mode=mode)
-    state = init_state(params, buffers, optimizer, frozen=frozen, ema=ib.ema, amp=amp)
+    # Stage B: the student from the frozen teachers and the MBM stage A trained.
+    frozen = {name: {"params": t.params, "buffers": t.buffers} for name, t in named.items()}
+    frozen.update(loss.frozen, mbm=mbm_params)
+    if "synergy_scale" in frozen:
+        frozen["synergy_scale"] = synergy_scale_factor(loss.stages.synergy_logits(mbm_params, cache),
+                                                       [cache.logits[0][0], cache.logits[1][0]]).to(device)
+    step, optimizer = build_step(ib, loss, c.train_images // batch, c.stage_b_epochs, device)
+    state = init_state({"student": student.params, **loss.params}, {"student": student.buffers, **loss.buffers},
+                       optimizer, frozen=frozen, ema=ib.ema, amp=amp)
     batches = cycle(lambda epoch: _layout(train_batches(splits, ib.data, seed=cfg.seed, epoch=epoch, device=device),
                                           cfg.channels_last))
     state, rate, warm = time_steps(step, state, batches, batch, w, n, device, cudagraphs)

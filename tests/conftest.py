@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("KD_TEST", "1")
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as launch.py sets it: bit-exact resumes (before torch)
 try:
     import torch
     if not torch.cuda.is_available():

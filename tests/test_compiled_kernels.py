@@ -20,8 +20,7 @@ import kernels
 from kd import tree as T
 from kd.config import ModelConfig
 from kd.data import DataConfig, load_splits, train_batches
-from kd.ibkd import StageBConfig, StageBParts, stage_a_loss, stage_b_loss
-from kd.mbm import MBM, MBMConfig, ProjectionHead
+from kd.methods.ibkd import MBM, MBMConfig, ProjectionHead, StageAConfig, StageBConfig, StageBParts, stage_a_loss, stage_b_loss
 from kd.modeling import build_net
 from kd.optim import sgd
 from kd.step import compile_step, init_state, make_train_step
@@ -60,7 +59,7 @@ def stage_a_case(splits, batches, backend):
     g = torch.Generator().manual_seed(0)
     feature_batches = [{"f1": torch.randn(8, 64, generator=g).to(DEVICE), "f2": torch.randn(8, 64, generator=g).to(DEVICE),
                         "y_a": b["y_a"], "y_b": b["y_a"], "lam": torch.ones((), device=DEVICE)} for b in batches]
-    return stage_a_loss(mbm, beta=1e-3), params, {}, {}, feature_batches
+    return stage_a_loss(mbm, StageAConfig(beta=1e-3)), params, {}, {}, feature_batches
 
 
 def stage_b_case(splits, batches, backend):
@@ -83,7 +82,7 @@ def at_case(splits, batches, backend):
 
     student, teachers = nets(splits)
     cfg = dataclasses.replace(at.CONFIG, kernels=backend)
-    loss_fn, _, _ = at_method.make_loss(cfg, student, {"teacher": teachers[1]}, DEVICE, 3)
+    loss_fn = at_method.make_loss(cfg, student, {"teacher": teachers[1]}, DEVICE, 3).fn
     frozen = {"teacher": {"params": teachers[1].params, "buffers": teachers[1].buffers}}
     return loss_fn, {"student": student.params}, {"student": student.buffers}, frozen, batches
 

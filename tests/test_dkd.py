@@ -164,7 +164,7 @@ def test_dkd_recipe_loss_warms_up_per_step():
 
     student, teacher = tiny_net("resnet8", 1), tiny_net("resnet8", 2)
     total = 241
-    loss_fn, _, _ = dkd_method.make_loss(dkd.CONFIG, student, {"teacher": teacher}, torch.device("cpu"), total)
+    loss_fn = dkd_method.make_loss(dkd.CONFIG, student, {"teacher": teacher}, torch.device("cpu"), total).fn
     params, buffers = {"student": student.params}, {"student": student.buffers}
     batch = tiny_batch()
     for step, warm in ((0, 0.0), (10, 0.5), (30, 1.0)):
@@ -187,7 +187,7 @@ def test_ensemble_recipe_loss_uses_both_teachers():
 
     student = tiny_net("resnet8", 1)
     teachers = {"teacher1": tiny_net("resnet8", 2), "teacher2": tiny_net("wrn_16_1", 3)}
-    loss_fn, _, _ = ensemble_method.make_loss(recipe.CONFIG, student, teachers, torch.device("cpu"), 10)
+    loss_fn = ensemble_method.make_loss(recipe.CONFIG, student, teachers, torch.device("cpu"), 10).fn
     batch = tiny_batch()
     frozen = {name: as_frozen(net) for name, net in teachers.items()}
     loss, (_, metrics) = loss_fn({"student": student.params}, {"student": student.buffers}, frozen, batch,

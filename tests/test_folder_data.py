@@ -319,7 +319,7 @@ def test_cli_trains_and_evaluates_on_a_folder(folder, tmp_path):
 def test_models_keep_imagenet_stems_for_large_images():
     """kd.config.setup: every model of a run on images larger than 64 px keeps the ImageNet stem."""
     from kd.config import setup
-    from kd.ibkd import IBKDConfig
+    from kd.methods.ibkd import IBKDConfig
 
     small = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=64), device="cpu")
     large = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=96), device="cpu")

@@ -11,10 +11,12 @@ import kernels
 from kd import tree as T
 from kd.config import ModelConfig
 from kd.data import DataConfig, load_splits
-from kd.ibkd import StageBConfig, StageBParts, logit_spread, stage_a_loss, stage_b_loss, synergy_scale_factor
-from kd.ibkd_run import augmented_view, build_cache, cached_batches, stage_boundaries, teacher_outputs
+from kd.methods.ibkd import (MBM, MBMConfig, ProjectionHead, StageAConfig, StageBConfig, StageBParts, logit_spread,
+                             stage_a_loss, stage_b_loss, synergy_scale_factor)
+from kd.stage_a import augmented_view, build_cache, cached_batches
+from kd.step import apply_model
+from kd.train import stage_boundaries
 from kd.losses import clip_threshold, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
-from kd.mbm import MBM, MBMConfig, ProjectionHead
 from kd.modeling import build_net
 
 
@@ -138,7 +140,7 @@ def test_stage_a_cached_features_equal_recomputed(tiny_setup):
     cache = build_cache(teachers, splits.train, splits, data_cfg, views=2, seed=0, device=device)
     mbm = MBM(MBMConfig(z_dim=8), (64, 64), splits.num_classes).train()
     params = {"mbm": dict(mbm.named_parameters())}
-    loss_fn = stage_a_loss(mbm, beta=1e-3)
+    loss_fn = stage_a_loss(mbm, StageAConfig(beta=1e-3))
     batch = next(cached_batches(cache, 16, seed=0, epoch=0))
     # The same images and views, recomputed through the teachers.
     generator = torch.Generator().manual_seed(0 * 7919 + 0)
@@ -150,7 +152,9 @@ def test_stage_a_cached_features_equal_recomputed(tiny_setup):
     f1, f2 = [], []
     for i, v in zip(index.tolist(), view.tolist()):
         image = augmented_view(splits.train, v, seed=0).images[i:i + 1]
-        _, pooled, _ = teacher_outputs(teachers, _normalize(image, mean, std))
+        x = _normalize(image, mean, std)
+        with torch.no_grad():
+            pooled = [apply_model(t.eval_skeleton, t.params, t.buffers, x, train=False)[1]["pooled"] for t in teachers]
         f1.append(pooled[0]), f2.append(pooled[1])
     recomputed = {**batch, "f1": torch.cat(f1), "f2": torch.cat(f2)}
     torch.testing.assert_close(batch["f1"], recomputed["f1"], atol=1e-5, rtol=1e-5)
@@ -255,7 +259,7 @@ def test_stage_b_loss_is_the_weighted_sum(tiny_setup):
 def test_stage_b_defaults_are_the_validated_weights(tiny_setup):
     """The defaults (what the study's validation picked): CE 0.5 + KD 0.5 at a constant T 4, latent term scaled
     by 1/sqrt(z_dim) ramped to 1.0, synergy scaled to the teachers' spread, clipping off."""
-    from kd.ibkd import IBKDConfig
+    from kd.methods.ibkd import IBKDConfig
     cfg = IBKDConfig()
     assert (cfg.stage_b.synergy_scale, cfg.grad_clip_norm_init, cfg.stage_b.latent_norm) == ("teachers", 0.0, "sqrt")
     loss_fn, params, buffers, frozen, batch = _stage_b(tiny_setup, gamma=0.0)

@@ -103,10 +103,12 @@ def test_teacher_reuse_and_overwrite(workdir):
     ("dkd", ["--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]),
     ("ensemble_kd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
                      "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors"]),
+    ("camkd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
+               "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors"]),
 ])
 def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
     teacher = [] if recipe in ("ce", "ibkd") else ["--teacher.arch", "resnet8", "--teacher.pretrained", "False"]
-    if recipe in ("ibkd", "ensemble_kd"):
+    if recipe in ("ibkd", "ensemble_kd", "camkd"):
         teacher = ["--teacher1.arch", "resnet8", "--teacher1.pretrained", "False"]
     out = workdir / f"runs_{recipe}"
     proc = launch(f"recipes.{recipe}", *TINY, "--student.arch", "resnet8", *teacher, *extra, "--out-dir", str(out),
@@ -175,6 +177,20 @@ def test_ibkd_two_stages_golden_losses(workdir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"stage1_synergy_val_acc", "stage2_synergy_val_acc"} <= set(summary)
     assert (run_dir / "mbm_stage2.safetensors").is_file()
+
+
+def test_ibkd_bridging_two_stages_golden_losses(workdir):
+    """The bridging design: attention fusion queried by the student, stage A's bridging term with its confidence
+    weight, teacher adapters, the per-sample KD target, two interacting stages; golden losses of every stage."""
+    out = workdir / "runs_ibkd_bridging"
+    launch("recipes.ibkd", *TINY, *IBKD_TINY, "--epochs", "2", "--num-stages", "2", "--mbm.kind", "attn",
+           "--stage-a.student-kd", "1.0", "--stage-a.confidence-min", "0.5", "--stage-a.teacher-adapters", "8",
+           "--stage-b.kd-target", "auto", "--out-dir", str(out), cwd=workdir)
+    run_dir = only_run(out, "ibkd")
+    check_golden("ibkd_bridging_two_stages", two_stage_losses(run_dir), count=6)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("student_kd" in r for r in records if r.get("stage") == "A2")
+    assert any("synergy_picked" in r for r in records if r.get("stage") == "")
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_baselines_share_data_budget_student_and_teachers():
     ens = compare.method_config(cfg, "ensemble_kd", 4, single)
     assert (ens.teacher1, ens.teacher1_ckpt, ens.teacher2, ens.teacher2_ckpt) == (
         cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher2, cfg.teacher2_ckpt)
-    assert set(compare.CONFIG.methods) == {"ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd"}
+    assert set(compare.CONFIG.methods) == {"ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd", "camkd"}
 
 
 def test_compare_runs_each_method_under_its_own_name(tmp_path, monkeypatch):

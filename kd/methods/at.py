@@ -9,7 +9,7 @@ import kernels
 from ..errors import ConfigError
 from ..models import STAGES, feature_shapes
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Method, forward_pair, one_teacher
+from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def make_loss(cfg: ATConfig, student, teachers, device, total_steps):
                                              [teacher_features[s] for s in cfg.stages], backend=cfg.kernels)
         loss = ce + cfg.beta * at
         return loss, (new_buffers, {"ce": ce.detach(), "at": at.detach()})
-    return loss_fn, {}, {}
+    return Loss(loss_fn)
 
 
 METHOD = Method("at", one_teacher, make_loss, maps=True)

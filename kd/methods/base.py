@@ -4,8 +4,8 @@ student pipeline of IB-KD's stage B that every baseline uses, and the frozen tea
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -17,9 +17,42 @@ from ..step import AmpConfig, apply_model
 from ..teacher_outputs import frozen_teacher
 from ..teachers import FrozenTeachersConfig, TwoTeachersConfig
 
-# make_loss(cfg, student, teachers, device, total_steps) -> (loss_fn, head_params, head_buffers), where
-# loss_fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics)) is what kd.step differentiates.
-MakeLoss = Callable[[Any, Net, dict[str, Net], torch.device, int], tuple[Callable, dict, dict]]
+# make_loss(cfg, student, teachers, device, total_steps) -> Loss: the one signature of every method.
+MakeLoss = Callable[[Any, Net, dict[str, Net], torch.device, int], "Loss"]
+
+
+@dataclass
+class Loss:
+    """What a method's ``make_loss`` builds once before training."""
+
+    fn: Callable
+    """``fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics))``: what the pure train step
+    differentiates (with respect to ``params``)."""
+    params: dict = field(default_factory=dict)
+    """Trainable heads beside the network (a FitNet regressor, IB-KD's projection head), by state key."""
+    buffers: dict = field(default_factory=dict)
+    """Their buffers (BatchNorm statistics), by the same keys."""
+    frozen: dict = field(default_factory=dict)
+    """Constant inputs of the loss beside the frozen teachers (IB-KD: the MBM, replaced by each stage A)."""
+    clip: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """``step -> gradient-norm clipping threshold`` (None: the constant ``cfg.grad_clip_norm``)."""
+    stages: "Stages | None" = None
+    """Work before each stage of student epochs (IB-KD's stage A); None: one stage, nothing before it."""
+
+
+class Stages(Protocol):
+    """The hook of a method whose student epochs are split in stages with work before each (IB-KD)."""
+
+    count: int
+    """Stages; the student's epochs are split across them (:func:`kd.train.stage_boundaries`)."""
+
+    def start(self, run: Any, splits: Any) -> dict[str, Any]:
+        """Once, before any stage (IB-KD: the teachers' feature caches); summary fields."""
+
+    def before(self, stage: int, state: dict, *, done: bool) -> tuple[dict, dict[str, Any]]:
+        """Before stage ``stage``'s student epochs: the new train state (IB-KD: its trained MBM in
+        ``state["frozen"]``) and summary fields. ``done``: a resumed run has already trained student epochs
+        after this point, so its result is inside ``state`` and only its numbers are read back."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +66,14 @@ class Method:
     them by (``frozen[name]``); empty for a method without teachers."""
     make_loss: MakeLoss
     """The loss, with its trainable heads (a FitNet regressor), built once before training."""
-    maps: bool = False
-    """The loss reads the teachers' feature maps, so shared teacher outputs (logits and pooled features
-    only, see kd.teacher_outputs) cannot replace their forward."""
+    maps: bool | Callable[[Any], bool] = False
+    """The loss reads the teachers' feature maps (or ``cfg -> whether it does``), so shared teacher outputs
+    (logits and pooled features only, see kd.teacher_outputs) cannot replace their forward."""
     part: str = "student"
     """The trained network: its config field (``cfg.student``) and its key in the train state and checkpoints."""
+
+    def reads_maps(self, cfg: Any) -> bool:
+        return self.maps(cfg) if callable(self.maps) else self.maps
 
 
 def no_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:

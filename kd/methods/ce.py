@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig, RunConfig
 from ..step import apply_model, mixed_cross_entropy
-from .base import Method, no_teachers
+from .base import Loss, Method, no_teachers
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def classifier(part: str):
             logits, _, new_buffers = apply_model(net.train_skeleton, params[part], buffers[part], batch["x"], train=True)
             loss = mixed_cross_entropy(logits, batch, cfg.label_smoothing)
             return loss, ({**buffers, part: new_buffers}, {"ce": loss.detach()})
-        return loss_fn, {}, {}
+        return Loss(loss_fn)
     return make_loss
 
 

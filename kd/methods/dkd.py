@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..losses import linear_warmup, mixed_dkd_terms
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Method, forward_pair, one_teacher
+from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def make_loss(cfg: DKDConfig, student, teachers, device, total_steps: int):
         warm = linear_warmup(step, total_steps, cfg.warmup_frac)
         loss = ce + warm * (cfg.alpha * tckd + cfg.beta * nckd)
         return loss, (new_buffers, {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "warm": warm})
-    return loss_fn, {}, {}
+    return Loss(loss_fn)
 
 
 METHOD = Method("dkd", one_teacher, make_loss)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..losses import ensemble_kd
 from ..step import apply_model, mixed_cross_entropy
-from .base import Method, TwoTeacherConfig, frozen_teacher_logits, two_teachers
+from .base import Loss, Method, TwoTeacherConfig, frozen_teacher_logits, two_teachers
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def make_loss(cfg: EnsembleKDConfig, student, teachers, device, total_steps: int
         kd = ensemble_kd(logits, targets, cfg.temperature)
         loss = (1 - cfg.alpha) * ce + cfg.alpha * kd
         return loss, ({**buffers, "student": student_buffers}, {"ce": ce.detach(), "kd": kd.detach()})
-    return loss_fn, {}, {}
+    return Loss(loss_fn)
 
 
 METHOD = Method("ensemble_kd", two_teachers, make_loss)

@@ -15,7 +15,7 @@ from torch import nn
 from ..losses import fitnet_hint
 from ..models import feature_shapes
 from ..step import call_stateless, mixed_cross_entropy
-from .base import DistillConfig, Method, forward_pair, one_teacher
+from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def make_loss(cfg: FitNetConfig, student, teachers, device, total_steps):
         loss = ce + cfg.alpha_hint * hint
         return loss, (new_buffers, {"ce": ce.detach(), "hint": hint.detach()})
 
-    return loss_fn, {"regressor": {k: v.detach() for k, v in regressor.named_parameters()}}, {"regressor": {}}
+    return Loss(loss_fn, params={"regressor": {k: v.detach() for k, v in regressor.named_parameters()}},
+                buffers={"regressor": {}})
 
 
 METHOD = Method("fitnet", one_teacher, make_loss, maps=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..losses import hinton_kd
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Method, forward_pair, one_teacher
+from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def make_loss(cfg: KDConfig, student, teachers, device, total_steps):
         kd = hinton_kd(logits, teacher_logits, cfg.temperature)
         loss = (1 - cfg.alpha) * ce + cfg.alpha * kd
         return loss, (new_buffers, {"ce": ce.detach(), "kd": kd.detach()})
-    return loss_fn, {}, {}
+    return Loss(loss_fn)
 
 
 METHOD = Method("kd", one_teacher, make_loss)
