@@ -180,3 +180,25 @@ def lr_schedule(cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> Callable
         milestones = tuple(m * steps_per_epoch for m in cfg.milestones)
         return lambda step: multistep(step, milestones, cfg.lr, cfg.gamma, warmup)
     return lambda step: torch.full_like(torch.as_tensor(step, dtype=torch.float32), cfg.lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss schedules: every weight that changes over training is lerp(start, end, ramp(progress(step), ...)).
+# 0-d tensors in and out, so they run inside the compiled step without recompiling.
+
+
+def progress(step: Tensor, total_steps: int) -> Tensor:
+    """``r = step / (total_steps - 1)`` clamped to [0, 1]: the training progress."""
+    return (step.float() / max(1, total_steps - 1)).clamp(0.0, 1.0)
+
+
+def lerp(start: float, end: float, weight: Tensor) -> Tensor:
+    return start + (end - start) * weight
+
+
+def ramp(r: Tensor, start: float = 0.0, end: float = 1.0, power: float = 1.0) -> Tensor:
+    """0 until progress ``r = start``, linear to 1 at ``r = end``, 1 after; raised to ``power``. ``end <= start``
+    is a step at ``start`` (so a warm-up over 0 % of training is 1 from the first step)."""
+    if end <= start:
+        return (r >= start).float()
+    return ((r - start) / (end - start)).clamp(0.0, 1.0) ** power

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,9 @@ from kernels import reference as kernel_reference
 from . import tree as T
 from .distributed import mean_across_ranks, world
 from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from .modeling import Net
 
 Metrics = dict[str, Tensor]
 # loss_fn(params, buffers, frozen, batch, step) -> (loss, (new_buffers, metrics))
@@ -277,3 +280,28 @@ def accuracy_counts(logits: Tensor, labels: Tensor) -> Tensor:
 def read_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The one host sync: turn device scalars into floats (call every N steps, not every step)."""
     return {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen teachers inside a loss: their outputs from the batch when shared (kd/teacher_outputs.py), else their forward
+
+PREFIX = "teacher_out"  # batch entries added by a kd.teacher_outputs stream
+
+
+def batch_key(name: str, what: str) -> str:
+    """The batch entry holding teacher ``name``'s ``what`` ("logits" or "pooled")."""
+    return f"{PREFIX}.{name}.{what}"
+
+
+def frozen_teacher(name: str, net: "Net", frozen: dict, batch: dict[str, Tensor], *, maps: bool = False
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Teacher ``name``'s ``(logits, features)`` on ``batch["x"]`` (eval mode, no gradient): taken from the
+    batch when a :class:`kd.teacher_outputs.TeacherOutputs` stream put them there (features: ``{"pooled": ...}`` only), else
+    the forward runs here. ``maps``: the caller needs the feature maps, so the forward always runs."""
+    key = batch_key(name, "logits")
+    if key in batch and not maps:
+        return batch[key], {"pooled": batch[batch_key(name, "pooled")]}
+    with torch.no_grad():
+        logits, features, _ = apply_model(net.eval_skeleton, frozen[name]["params"], frozen[name]["buffers"],
+                                          batch["x"], train=False)
+    return logits, features

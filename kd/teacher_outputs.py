@@ -9,7 +9,7 @@ directory named by everything that determines them, and later runs read them bac
 teachers again. Every batch is matched by a hash of its images, so a mismatch (another data stream, a
 changed pipeline) is recomputed, never silently reused.
 
-The losses read the outputs with :func:`frozen_teacher`: from the batch when this stream put them there,
+The losses read the outputs with :func:`kd.step.frozen_teacher`: from the batch when this stream put them there,
 otherwise by the usual no-grad forward inside the step. Feature maps (AT, FitNet, IB-KD's feature term) are
 not stored (they are 10-100x larger): methods that read them keep the forward in the step.
 """
@@ -29,30 +29,9 @@ from torch import Tensor
 from .checkpoint import write_atomically
 from .errors import OutputError
 from .modeling import Net
-from .step import AmpConfig, apply_model, autocast_dtype
+from .step import AmpConfig, apply_model, autocast_dtype, batch_key
 
-PREFIX = "teacher_out"
 FORMAT = 1
-
-
-def batch_key(name: str, what: str) -> str:
-    """The batch entry holding teacher ``name``'s ``what`` ("logits" or "pooled")."""
-    return f"{PREFIX}.{name}.{what}"
-
-
-def frozen_teacher(name: str, net: Net, frozen: dict, batch: dict[str, Tensor], *, maps: bool = False
-                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Teacher ``name``'s ``(logits, features)`` on ``batch["x"]`` (eval mode, no gradient): taken from the
-    batch when a :class:`TeacherOutputs` stream put them there (features: ``{"pooled": ...}`` only), else
-    the forward runs here. ``maps``: the caller needs the feature maps, so the forward always runs."""
-    key = batch_key(name, "logits")
-    if key in batch and not maps:
-        return batch[key], {"pooled": batch[batch_key(name, "pooled")]}
-    with torch.no_grad():
-        logits, features, _ = apply_model(net.eval_skeleton, frozen[name]["params"], frozen[name]["buffers"],
-                                          batch["x"], train=False)
-    return logits, features
-
 
 def image_hash(x: Tensor) -> bytes:
     """16 bytes identifying a batch's images (shape, dtype and every value)."""

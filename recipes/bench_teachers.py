@@ -24,7 +24,8 @@ from kd.losses import hinton_kd
 from kd.modeling import Net, build_net
 from kd.optim import adamw
 from kd.step import apply_model, init_state, make_train_step, mixed_cross_entropy
-from kd.teacher_outputs import TeacherOutputs, frozen_teacher
+from kd.step import frozen_teacher
+from kd.teacher_outputs import TeacherOutputs
 from kd.teachers import fold_batchnorm
 
 from ._cli import parse

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from kd.config import ModelConfig
 from kd.checkpoint import read_metadata
-from kd.losses import dkd_loss, dkd_terms, ensemble_kd, hinton_kd, linear_warmup, mixed_dkd_terms
+from kd.losses import hinton_kd
+from kd.methods.dkd import dkd_loss, dkd_terms, mixed_dkd_terms
+from kd.methods.ensemble_kd import ensemble_kd
+from kd.optim import progress, ramp
 from kd.modeling import build_net
 from kd.step import mixed_cross_entropy
 
@@ -121,9 +124,9 @@ def test_gradients_reach_the_student_only_and_match_the_formula():
 
 def test_warmup_ramp_values():
     total = 241  # progress r = step / 240
-    values = [float(linear_warmup(torch.tensor(s), total, 20 / 240)) for s in (0, 5, 10, 20, 21, 240)]
+    values = [float(ramp(progress(torch.tensor(s), total), 0.0, 20 / 240)) for s in (0, 5, 10, 20, 21, 240)]
     assert values == pytest.approx([0.0, 0.25, 0.5, 1.0, 1.0, 1.0])
-    assert float(linear_warmup(torch.tensor(0), total, 0.0)) == 1.0
+    assert float(ramp(progress(torch.tensor(0), total), 0.0, 0.0)) == 1.0
 
 
 def test_ensemble_target_is_the_mean_of_tempered_softmaxes():

@@ -16,7 +16,9 @@ from kd.methods.ibkd import (MBM, MBMConfig, ProjectionHead, StageAConfig, Stage
 from kd.stage_a import augmented_view, build_cache, cached_batches
 from kd.step import apply_model
 from kd.train import stage_boundaries
-from kd.losses import clip_threshold, fitnet_hint, hinton_kd, kd_ramp, latent_weight, lerp
+from kd.losses import hinton_kd
+from kd.methods.fitnet import fitnet_hint
+from kd.optim import lerp, ramp
 from kd.modeling import build_net
 
 
@@ -56,16 +58,16 @@ def test_fitnet_hint_pools_to_teacher_and_reaches_regressor():
 
 def test_stage_b_schedules():
     r = torch.tensor
-    assert float(kd_ramp(r(0.03), 0.03, 1.0)) == 0.0
-    assert float(kd_ramp(r(1.0), 0.03, 1.0)) == pytest.approx(1.0)
-    p = float(kd_ramp(r(0.515), 0.03, 1.0))
+    assert float(ramp(r(0.03), 0.03)) == 0.0
+    assert float(ramp(r(1.0), 0.03)) == pytest.approx(1.0)
+    p = float(ramp(r(0.515), 0.03))
     assert p == pytest.approx(0.5)
     assert float(lerp(0.3, 0.6, r(p))) == pytest.approx(0.45) and float(lerp(6, 2.5, r(p))) == pytest.approx(4.25)
-    assert float(latent_weight(r(0.29), 0.8)) == 0.0 and float(latent_weight(r(1.0), 0.8)) == pytest.approx(0.8)
-    assert float(latent_weight(r(0.65), 0.8)) == pytest.approx(0.4)
-    assert float(clip_threshold(r(0.4), 1.0, 0.0, 0.5)) == 1.0
-    assert float(clip_threshold(r(0.75), 1.0, 0.0, 0.5)) == pytest.approx(0.5)
-    assert float(clip_threshold(r(1.0), 1.0, 0.0, 0.5)) == 0.0  # 0 = clipping off downstream, not clip-to-zero
+    assert float(0.8 * ramp(r(0.29), 0.3)) == 0.0 and float(0.8 * ramp(r(1.0), 0.3)) == pytest.approx(0.8)
+    assert float(0.8 * ramp(r(0.65), 0.3)) == pytest.approx(0.4)
+    assert float(lerp(1.0, 0.0, ramp(r(0.4), 0.5))) == 1.0
+    assert float(lerp(1.0, 0.0, ramp(r(0.75), 0.5))) == pytest.approx(0.5)
+    assert float(lerp(1.0, 0.0, ramp(r(1.0), 0.5))) == 0.0  # 0 = clipping off downstream, not clip-to-zero
 
 
 def test_stage_boundaries_split_epochs():

@@ -5,7 +5,8 @@ import torch
 from kd.config import ModelConfig
 from kd.modeling import build_net
 from kd.step import apply_model
-from kd.teacher_outputs import TeacherOutputs, batch_key, frozen_teacher
+from kd.step import batch_key, frozen_teacher
+from kd.teacher_outputs import TeacherOutputs
 
 DEVICE = torch.device("cpu")
 

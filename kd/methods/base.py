@@ -13,8 +13,7 @@ from ..config import ModelConfig
 from ..data import DataConfig
 from ..modeling import Net
 from ..optim import OptimConfig
-from ..step import AmpConfig, apply_model
-from ..teacher_outputs import frozen_teacher
+from ..step import AmpConfig, apply_model, frozen_teacher
 from ..teachers import FrozenTeachersConfig, TwoTeachersConfig
 
 # make_loss(cfg, student, teachers, device, total_steps) -> Loss: the one signature of every method.

@@ -7,9 +7,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..losses import ensemble_kd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.reference import distillation_kl
 from ..step import apply_model, mixed_cross_entropy
 from .base import Loss, Method, TwoTeacherConfig, frozen_teacher_logits, two_teachers
+
+
+def ensemble_kd(student_logits: Tensor, teacher_logits: list[Tensor] | tuple[Tensor, ...],
+                temperature: Tensor | float) -> Tensor:
+    """``T^2 * KL(mean_i softmax(t_i/T) || softmax(s/T))``, summed over classes, batch mean: Hinton's KD
+    towards the teachers' averaged probabilities (equal to :func:`hinton_kd` for one teacher or identical
+    teachers). The average is taken in probability space, its log as a log-sum-exp of the teachers'
+    log-probabilities (no ``log(0)``). The teachers are constants."""
+    log_p_teachers = torch.stack([F.log_softmax(t.detach().float() / temperature, dim=1)
+                                  for t in teacher_logits])  # (K, N, C)
+    log_target = torch.logsumexp(log_p_teachers, dim=0) - torch.log(torch.tensor(float(len(teacher_logits))))
+    return distillation_kl(student_logits, log_target, temperature)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from ..losses import fitnet_hint
+from ..losses import pool_to
 from ..models import feature_shapes
 from ..step import call_stateless, mixed_cross_entropy
 from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
+
+
+def fitnet_hint(regressed_student: Tensor, teacher_map: Tensor) -> Tensor:
+    """``MSE(pool(reg(f_s)), f_t)``, mean over all elements; the teacher is a constant."""
+    pooled = pool_to(regressed_student, teacher_map.shape[-2:])
+    return F.mse_loss(pooled.float(), teacher_map.detach().float())
 
 
 @dataclass(frozen=True)

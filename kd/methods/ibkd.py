@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 import kernels
@@ -45,15 +46,14 @@ from ..config import compile_mode, to_dict
 from ..distributed import barrier, convert_sync_bn, world
 from ..errors import ConfigError
 from ..loop import train_loop
-from ..losses import clip_threshold, feature_alignment, kd_ramp, latent_weight, lerp, progress
+from ..losses import pool_to
 from ..models import feature_shapes
 from ..modeling import Net
-from ..optim import adamw
+from ..optim import adamw, lerp, progress, ramp
 from ..rundir import say
 from ..stage_a import FeatureCache, accuracy, add_student, build_cache, cached_batches
-from ..step import apply_model, call_stateless, compile_step, init_state, make_train_step
+from ..step import apply_model, call_stateless, compile_step, frozen_teacher, init_state, make_train_step
 from ..supervised import constant
-from ..teacher_outputs import frozen_teacher
 from ..teachers import TwoTeachersConfig
 from .base import Loss, Method, two_teachers
 
@@ -313,6 +313,19 @@ def mixed_label_ce(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
             + (1 - lam) * F.cross_entropy(logits, batch["y_b"], reduction="none"))
 
 
+def channel_normalized(feature_map: Tensor) -> Tensor:
+    """Each channel's spatial map scaled to unit L2 norm: (N, C, H, W) -> same shape."""
+    flat = rearrange(feature_map.float(), "n c h w -> n c (h w)")
+    return F.normalize(flat, dim=2).view_as(feature_map)
+
+
+def feature_alignment(adapted_student: Tensor, teacher_map: Tensor) -> Tensor:
+    """IB-KD's optional feature term: MSE between per-channel L2-normalised maps (student adapted by a
+    learned 1x1 conv to the teacher's channels, pooled to its size). Gradients reach the student."""
+    student = channel_normalized(pool_to(adapted_student, teacher_map.shape[-2:]))
+    return F.mse_loss(student, channel_normalized(teacher_map.detach()))
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage A
 
@@ -371,10 +384,10 @@ def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backen
 
     def loss_fn(params, buffers, frozen, batch, step):
         r = progress(step, total_steps)
-        ramp = kd_ramp(r, cfg.kd_warmup_frac, cfg.kd_pow)
-        alpha_kd = lerp(cfg.kd_alpha_init, cfg.kd_alpha_final, ramp)
-        temperature = lerp(cfg.kd_temperature_init, cfg.kd_temperature_final, ramp)
-        lambda_latent = latent_weight(r, cfg.latent_alpha, cfg.latent_start)
+        kd_ramp = ramp(r, cfg.kd_warmup_frac, power=cfg.kd_pow)
+        alpha_kd = lerp(cfg.kd_alpha_init, cfg.kd_alpha_final, kd_ramp)
+        temperature = lerp(cfg.kd_temperature_init, cfg.kd_temperature_final, kd_ramp)
+        lambda_latent = cfg.latent_alpha * ramp(r, cfg.latent_start)
 
         logits, feats, student_buffers = apply_model(parts.student.train_skeleton, params["student"],
                                                      buffers["student"], batch["x"], train=True)
@@ -433,7 +446,10 @@ def stage_b_loss(parts: StageBParts, cfg: StageBConfig, total_steps: int, backen
 
 
 def stage_b_clip(init: float, final: float, warmup_frac: float, total_steps: int):
-    return lambda step: clip_threshold(progress(step, total_steps), init, final, warmup_frac)
+    """``step -> threshold``: ``init`` until progress ``warmup_frac``, then linear to ``final`` at the end. A threshold
+    of 0 means no clipping (:func:`kd.step.clip_coefficient`): the original drove it towards 0 and clipped every
+    gradient to nothing."""
+    return lambda step: lerp(init, final, ramp(progress(step, total_steps), warmup_frac))
 
 
 def student_heads(cfg: IBKDConfig, student: Net, teachers: tuple[Net, Net], device: torch.device
