@@ -152,8 +152,10 @@ def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[Mode
         ibkd_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)}
         base = ibkd.IBKDConfig(**{**ibkd_fields, "seed": seed, "run_name": "", "teacher_cache": shared_outputs(cfg)})
         return ablate(cfg, method, base) if method in ABLATIONS else base
+    # ema: every method keeps (or not) an EMA of its student as the compared config says (evaluating it doubles
+    # the validation cost); the other method fields keep their recipe's defaults
     overrides: dict = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)},
-                       "seed": seed, "student": cfg.student, "run_name": ""}
+                       "seed": seed, "student": cfg.student, "run_name": "", "ema": cfg.ema}
     if method != "ce":
         overrides["teacher_cache"] = shared_outputs(cfg)
     if method in SINGLE_TEACHER:

@@ -108,6 +108,9 @@ def test_baselines_share_data_budget_student_and_teachers():
     assert (ens.teacher1, ens.teacher1_ckpt, ens.teacher2, ens.teacher2_ckpt) == (
         cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher2, cfg.teacher2_ckpt)
     assert set(compare.CONFIG.methods) == {"ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd", "camkd"}
+    no_ema = compare_config(epochs=3, seeds=(4,), ema=False)  # --ema False reaches every method, CE included
+    assert all(not compare.method_config(no_ema, m, 4, single).ema for m in ("ce", "kd", "camkd", "ibkd"))
+    assert compare.method_config(cfg, "ce", 4, single).ema
 
 
 def test_compare_runs_each_method_under_its_own_name(tmp_path, monkeypatch):
