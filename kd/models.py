@@ -31,16 +31,27 @@ import itertools
 import math
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+if TYPE_CHECKING:
+    import torchvision
 
 __all__ = ["ARCHS", "STAGES", "build_model", "feature_shapes", "num_parameters"]
+
+
+
+def _torchvision():
+    """torchvision, imported on first use: a CIFAR network needs none of it, and importing it (with the parts of
+    torch it pulls in) costs about a second at every start."""
+    import torchvision
+    import torchvision.models.feature_extraction  # noqa: F401  (create_feature_extractor, get_graph_node_names)
+    return torchvision
+
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 Features = dict[str, torch.Tensor]
@@ -314,8 +325,8 @@ class _TracedNode(NamedTuple):
 
 def _probe_graph(model: nn.Module) -> list[_TracedNode]:
     """Every tensor ``model``'s traced forward computes on a 224x224 meta input, in execution order."""
-    _, node_names = get_graph_node_names(model)  # eval-mode names, all present in the train graph too
-    every_node = create_feature_extractor(
+    _, node_names = _torchvision().models.feature_extraction.get_graph_node_names(model)  # eval-mode names, all present in the train graph too
+    every_node = _torchvision().models.feature_extraction.create_feature_extractor(
         model, return_nodes={name: name for name in node_names[1:]}, suppress_diff_warning=True
     )
     output_node = next(node for node in every_node.graph.nodes if node.op == "output")
@@ -391,7 +402,8 @@ def _traced_feature_model(model: nn.Module, arch: str) -> nn.Module:
         located = _locate_generic_features(_probe_graph(model))
     except ValueError as error:
         raise ValueError(f"{arch}: {error}; not supported") from None
-    traced = create_feature_extractor(model, return_nodes=located, suppress_diff_warning=True)
+    traced = _torchvision().models.feature_extraction.create_feature_extractor(model, return_nodes=located,
+                                                                              suppress_diff_warning=True)
     for graph in (traced.train_graph, traced.eval_graph):
         output_node = next(node for node in graph.nodes if node.op == "output")
         outputs = output_node.args[0]
@@ -415,10 +427,10 @@ def _torchvision_classifier(
 ) -> nn.Module:
     """torchvision's ``arch``; when pretrained, ImageNet weights with a fresh ``num_classes`` head."""
     if not pretrained:
-        return torchvision.models.get_model(arch, num_classes=num_classes)
-    weights = weights or torchvision.models.get_model_weights(arch).DEFAULT
+        return _torchvision().models.get_model(arch, num_classes=num_classes)
+    weights = weights or _torchvision().models.get_model_weights(arch).DEFAULT
     try:
-        model = torchvision.models.get_model(arch, weights=weights)
+        model = _torchvision().models.get_model(arch, weights=weights)
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, refused connections
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
         reason = " ".join(str(error).split())
@@ -434,16 +446,19 @@ def _torchvision_classifier(
 
 
 def _feature_model(model: nn.Module, arch: str, small_input: bool) -> nn.Module:
-    if isinstance(model, torchvision.models.ResNet):
+    if isinstance(model, _torchvision().models.ResNet):
         return ResNetFeatures(model, small_input)
-    if isinstance(model, torchvision.models.EfficientNet):
+    if isinstance(model, _torchvision().models.EfficientNet):
         return EfficientNetFeatures(model, small_input)
     return _traced_feature_model(model, arch)  # small_input has no effect here
 
 
-def _teacher(arch: str, weights: torchvision.models.WeightsEnum) -> Callable[..., nn.Module]:
+def _teacher(arch: str, weights: str) -> Callable[..., nn.Module]:
+    """``weights``: a torchvision weights enum member by name, e.g. ``"ResNet152_Weights.IMAGENET1K_V2"``."""
     def build(num_classes: int, *, small_input: bool = True, pretrained: bool = False) -> nn.Module:
-        base = _torchvision_classifier(arch, num_classes, pretrained, weights)
+        enum, member = weights.split(".")
+        resolved = getattr(getattr(_torchvision().models, enum), member)
+        base = _torchvision_classifier(arch, num_classes, pretrained, resolved)
         return _feature_model(base, arch, small_input)
 
     build.__doc__ = f"torchvision {arch}; pretrained = {weights}, loaded before the small-input surgery."
@@ -475,8 +490,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
         for depth, k in ((16, 1), (16, 2), (40, 1), (40, 2))
     },
     "mobilenet_v2": _cifar(lambda n: CifarMobileNetV2(n), "MobileNetV2 (width 0.5)"),
-    "resnet152": _teacher("resnet152", torchvision.models.ResNet152_Weights.IMAGENET1K_V2),
-    "efficientnet_b2": _teacher("efficientnet_b2", torchvision.models.EfficientNet_B2_Weights.IMAGENET1K_V1),
+    "resnet152": _teacher("resnet152", "ResNet152_Weights.IMAGENET1K_V2"),
+    "efficientnet_b2": _teacher("efficientnet_b2", "EfficientNet_B2_Weights.IMAGENET1K_V1"),
 }
 
 
@@ -488,7 +503,7 @@ def build_model(arch: str, num_classes: int, *, small_input: bool = True, pretra
     """
     if arch in ARCHS:
         return ARCHS[arch](num_classes, small_input=small_input, pretrained=pretrained)
-    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    torchvision_names = _torchvision().models.list_models(module=_torchvision().models)
     if arch not in torchvision_names:
         raise ValueError(
             f"unknown arch {arch!r}; available: {', '.join(ARCHS)}; "
