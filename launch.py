@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# MKL's matrix products on a CPU may round differently from one process to the next (its code path depends on
-# the memory it is given); its compatible branch does not, so a resumed run equals an uninterrupted one bit for
-# bit. Set before torch loads MKL; a value already in the environment is kept.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# MKL's matrix products on a CPU may round differently from one run to the next: its code path can depend on
+# the memory it is given, and by default it may use fewer threads when the machine is busy. Its compatible
+# branch in strict mode with a fixed thread count does neither, so a resumed run equals an uninterrupted one bit
+# for bit. Set before torch loads MKL; values already in the environment are kept.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("KD_TEST", "1")
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as launch.py sets it: bit-exact resumes (before torch)
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE,STRICT")  # as launch.py sets them: bit-exact resumes (before torch)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 try:
     import torch
     if not torch.cuda.is_available():
