@@ -1,48 +1,25 @@
-"""Training one network (plus optional heads) against optional frozen teachers: resolving ``--resume``, the
-run's preparation, and :func:`train_network` (state -> pure compiled step -> loop -> report), which
-:func:`kd.train.distill` (every method of kd/methods/, teacher fine-tuning included) runs.
+"""What every training run shares before and after its loop: resolving ``--resume``, the run's preparation
+(device, data, run directory), the constant clipping threshold and the accuracy table; used by
+:func:`kd.train.distill`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import tree as T
-from .config import ModelConfig, RunConfig, compile_mode, load_run_config, resolve_device, setup, to_dict
-from .distributed import convert_sync_bn, world
-from .data import Splits, load_splits, steps_per_epoch
+from .config import RunConfig, load_run_config, resolve_device, setup, to_dict
+from .data import Splits, load_splits
 from .errors import ConfigError
-from .modeling import Net
-from .optim import build_optimizer, lr_schedule
-from .checkpoint import load_train_state
-from .loop import final_report, train_loop, training_batches
 from .rundir import Run, say
-from .step import compile_step, init_state, make_eval_fn, make_train_step
 
 
 def constant(value: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     threshold = torch.tensor(float(value), device=device)
     return lambda step: threshold
-
-
-@dataclass
-class Extras:
-    """What a method adds around the trained network: trainable heads, frozen teachers, summary fields."""
-
-    params: T.Tree = field(default_factory=dict)
-    buffers: T.Tree = field(default_factory=dict)
-    frozen: T.Tree = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    teacher_outputs: Any = None
-    """A :class:`kd.teacher_outputs.TeacherOutputs` adding the frozen teachers' outputs to every batch."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Extra checkpoint metadata (e.g. the teachers' checkpoint hashes, checked on resume)."""
 
 
 # What a resumed run may change: none of it alters the work already done or the state carried over.
@@ -125,49 +102,6 @@ def prepare(cfg: RunConfig, recipe: str) -> tuple[RunConfig, torch.device, Split
     splits = load_splits(cfg.data, cfg.seed)
     run = Run.create(cfg, recipe)
     return cfg, device, splits, run
-
-
-def train_network(cfg: RunConfig, recipe: str, run: Run, splits: Splits, device: torch.device, net: Net,
-                  model_cfg: ModelConfig, *, part: str, loss_fn, grad_clip_norm: float, ema: bool,
-                  extras: Extras | None = None) -> dict[str, Any]:
-    """Train ``net`` (state key ``part``) with ``loss_fn``; evaluate, checkpoint and summarise."""
-    extras = extras or Extras()
-    if cfg.dist.sync_bn and world().size > 1:
-        convert_sync_bn(net.train_skeleton)
-    say(f"run {run.root}  |  {splits.description}  |  {part} {model_cfg.arch}  |  device {device}")
-    meta = {**net.meta(model_cfg, splits.name), **extras.meta}
-    spe = steps_per_epoch(splits, cfg.data)
-    optimizer = build_optimizer(cfg.optim)
-    train_step = make_train_step(loss_fn, optimizer, lr_schedule(cfg.optim, spe, cfg.epochs),
-                                 clip_fn=constant(grad_clip_norm, device), amp=cfg.amp, device_type=device.type)
-    state = init_state({part: net.params, **extras.params}, {part: net.buffers, **extras.buffers}, optimizer,
-                       frozen=extras.frozen, ema=ema, amp=cfg.amp)
-    resume_info = None
-    # run.root, not run.path(): a resume refused here (another network) must leave the run as it was.
-    if cfg.resume and (run.root / "last.safetensors").exists():
-        state, resume_info = load_train_state(run.root / "last.safetensors", expect={"arch": net.arch},
-                                              device=device, like=state)
-        say(f"resuming {run.root} after epoch {resume_info['epoch']}")
-
-    eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile, mode=compile_mode(cfg))
-    t0 = time.perf_counter()
-    batches = None
-    if extras.teacher_outputs is not None:
-        batches = extras.teacher_outputs.wrap(training_batches(cfg, splits, device))
-    result = train_loop(cfg, run, state=state, train_step=compile_step(train_step, cfg.compile, mode=compile_mode(cfg)), splits=splits,
-                        device=device, part=part, eval_fn=eval_fn, weight_meta=meta, resume_info=resume_info,
-                        batches=batches)
-    accuracies = final_report(run, state=result.state, part=part, eval_fn=eval_fn, splits=splits, cfg=cfg,
-                              device=device, weight_meta=meta, last_val=result.last_val)
-    summary = {"recipe": recipe, "run_dir": str(run.root), "dataset": splits.description, part: model_cfg.arch,
-               "num_parameters": meta["num_parameters"], "epochs": cfg.epochs, "seed": cfg.seed,
-               "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
-               "images_per_second": result.images_per_second, **extras.summary, **accuracies}
-    if extras.teacher_outputs is not None:
-        summary.update(extras.teacher_outputs.report())
-    run.write_summary(summary)
-    print_accuracy_table(summary)
-    return summary
 
 
 def print_accuracy_table(summary: dict[str, Any]) -> None:
