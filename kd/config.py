@@ -145,31 +145,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested, frozen) config dataclass from :func:`to_dict`'s output."""
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Rebuild a (nested, frozen) config dataclass from :func:`to_dict`'s output (a saved config.json), every
+    value checked against its field's type (see :func:`_checked`); an unknown field is a :class:`ConfigError`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)} "
+                          f"for {cls.__name__}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name])
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
-    origin = typing.get_origin(tp)
-    if origin is tuple and isinstance(value, list):
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v) for v in value)
-        return tuple(_coerce(a, v) for a, v in zip(args, value))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value)
-    return value
+    return cls(**{name: _checked(hints[name], value, where + name) for name, value in data.items()})
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -205,7 +190,7 @@ CONFIG_FILE_IGNORED = frozenset({"recipe", "resume"})
 def apply_config_file(cfg: Any, path: str | Path) -> Any:
     """``cfg`` with the fields of the config file at ``path`` (any subset, nested as in config.json); an unknown
     field or a value of the wrong type is one :class:`ConfigError` naming it."""
-    data = {k: v for k, v in read_config_file(path).items() if k not in CONFIG_FILE_IGNORED}
+    data = {k: v for k, v in upgrade_saved(read_config_file(path)).items() if k not in CONFIG_FILE_IGNORED}
     return _merge(cfg, data, f"--config {path}", "")
 
 
@@ -257,17 +242,37 @@ def _checked(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise bad
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_checked(args[0], v, name) for v in value)
+            args = (args[0],) * len(value)
         if len(args) != len(value):
             raise bad
-        return tuple(_checked(a, v, name) for a, v in zip(args, value))
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
+        return tuple(_checked(a, v, f"{name}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(tp, value, f"{name}.")
     return value
 
 
 # Recipe fields added after runs were saved without them; such a run resumes with their defaults.
 ADDED_FIELDS = frozenset({"teacher_cache", "teacher_cache_max_gb"})
+
+# Fields renamed since runs were saved: the teachers were separate fields (``teacher`` + ``teacher_ckpt``, or
+# ``teacher1`` + ``teacher1_ckpt`` and ``teacher2`` + ``teacher2_ckpt``) before they became one list.
+RENAMED_TEACHERS = (("teacher",), ("teacher1", "teacher2"))
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a run's config.json, a --config file) in today's field names: its separate teacher
+    fields become one ``teachers`` list, in order. Anything else is returned as it is."""
+    for names in RENAMED_TEACHERS:
+        if "teachers" not in data and all(n in data and f"{n}_ckpt" in data for n in names):
+            data = dict(data)
+            teachers = []
+            for n in names:
+                model, ckpt = data.pop(n), data.pop(f"{n}_ckpt")
+                teachers.append({**model, "ckpt": ckpt} if isinstance(model, dict) else model)
+            data["teachers"] = teachers
+    return data
 
 
 def load_run_config(cls: type, run_dir: str | Path) -> Any:
@@ -283,6 +288,7 @@ def load_run_config(cls: type, run_dir: str | Path) -> Any:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume: {path} is unreadable ({str(exc).splitlines()[0]})") from None
     recipe = data.pop("recipe", "?")
+    data = upgrade_saved(data)
     # The recipe's own fields must match; the shared RunConfig fields may have grown since (defaults apply),
     # and so may the recipe fields of ADDED_FIELDS (a run saved before they existed lacks them).
     shared = {f.name for f in dataclasses.fields(RunConfig)}
@@ -320,11 +326,20 @@ SMALL_INPUT_MAX = 64  # images up to this size get the small-input stems
 
 
 def fit_models_to_images(cfg: Any) -> Any:
-    """``cfg`` with every model's ``small_input`` off when the images are larger than SMALL_INPUT_MAX."""
+    """``cfg`` with every model's ``small_input`` off (a field, or a tuple of them: the teachers) when the images
+    are larger than SMALL_INPUT_MAX."""
     if cfg.data.image_size <= SMALL_INPUT_MAX:
         return cfg
-    changes = {f.name: dataclasses.replace(getattr(cfg, f.name), small_input=False) for f in dataclasses.fields(cfg)
-               if isinstance(getattr(cfg, f.name), ModelConfig) and getattr(cfg, f.name).small_input}
+
+    def large(value: Any) -> Any:
+        if isinstance(value, ModelConfig) and value.small_input:
+            return dataclasses.replace(value, small_input=False)
+        if isinstance(value, tuple) and any(isinstance(v, ModelConfig) for v in value):
+            return tuple(large(v) for v in value)
+        return value
+
+    changes = {f.name: large(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    changes = {name: value for name, value in changes.items() if value != getattr(cfg, name)}
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -44,12 +44,31 @@ class TeacherConfig(RunConfig):
 
 
 @dataclass(frozen=True)
+class TeacherSpec(ModelConfig):
+    """A frozen teacher: its network (``arch``, ...) and its fine-tuned weights (``ckpt``)."""
+
+    ckpt: str = "checkpoints/teacher_ft.safetensors"
+    """Its fine-tuned weights (safetensors, recipes.teacher's output); fine-tuned first when missing."""
+
+
+# SPEC 5's teachers: a pretrained ResNet-152 and EfficientNet-B2, each fine-tuned on the run's data.
+SPEC_TEACHERS = (
+    TeacherSpec(arch="resnet152", pretrained=True, ckpt="checkpoints/resnet152_ft.safetensors"),
+    TeacherSpec(arch="efficientnet_b2", pretrained=True, ckpt="checkpoints/efficientnet_b2_ft.safetensors"),
+)
+
+
+@dataclass(frozen=True)
 class FrozenTeachersConfig(RunConfig):
-    """What every run with frozen teachers has: the student, fine-tuning of a missing teacher, how the frozen
-    teachers run and whether their outputs are shared across runs."""
+    """What every run with frozen teachers has: the student, the teachers, fine-tuning of a missing teacher, how
+    the frozen teachers run and whether their outputs are shared across runs."""
 
     student: ModelConfig = ModelConfig(arch="resnet8x4")
     """The student network."""
+    teachers: tuple[TeacherSpec, ...] = SPEC_TEACHERS
+    """The frozen teachers in order: --teachers.0.arch / --teachers.0.ckpt, --teachers.1.arch, ... (the weights
+    come from ckpt; pretrained only matters for fine-tuning a missing one). How many: the recipe's default (a
+    --config file may list more for the methods that take any number)."""
     teacher_epochs: int = 30
     """Fine-tuning epochs for a teacher whose checkpoint is missing."""
     fold_teacher_bn: bool = True
@@ -63,19 +82,11 @@ class FrozenTeachersConfig(RunConfig):
     teacher_cache_max_gb: float = 10.0
     """--teacher-cache stores nothing (and says so) when a run's outputs would exceed this many GB."""
 
-
-@dataclass(frozen=True)
-class TwoTeachersConfig(FrozenTeachersConfig):
-    """A student and the two fine-tuned teachers of IB-KD and of the two-teacher baselines."""
-
-    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
-    """First teacher (weights from --teacher1-ckpt)."""
-    teacher1_ckpt: str = "checkpoints/resnet152_ft.safetensors"
-    """First teacher's fine-tuned weights; fine-tuned first when missing."""
-    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=True)
-    """Second teacher (weights from --teacher2-ckpt)."""
-    teacher2_ckpt: str = "checkpoints/efficientnet_b2_ft.safetensors"
-    """Second teacher's fine-tuned weights; fine-tuned first when missing."""
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, spec in enumerate(self.teachers):
+            if not isinstance(spec, TeacherSpec) or not spec.ckpt:
+                raise ConfigError(f"--teachers.{i}.ckpt must name the teacher's fine-tuned weights (.safetensors)")
 
 
 # SPEC 5: AdamW 1e-3, wd 3e-4, 30 epochs, batch 128, warm-up 5 then cosine to 0.1x, RandAugment(2, 7),
@@ -87,15 +98,18 @@ FINE_TUNING = TeacherConfig(
 )
 
 
-def fine_tune(cfg: TeacherConfig) -> dict:
+def fine_tune(cfg: TeacherConfig, *, flag: str = "--teacher", ckpt_flag: str = "--ckpt") -> dict:
     """Train the teacher and write its best-by-validation weights (with metadata) to ``cfg.ckpt``;
-    an existing checkpoint is reused unless ``cfg.overwrite``."""
+    an existing checkpoint is reused unless ``cfg.overwrite``. ``flag`` and ``ckpt_flag`` are the command
+    line's names of ``cfg.teacher`` and ``cfg.ckpt``, which errors name (a distillation run fine-tuning its
+    missing teacher passes ``--teachers.0`` and ``--teachers.0.ckpt``)."""
     cfg = resolve_resume(cfg)
     ckpt = Path(cfg.ckpt)
     if ckpt.is_dir():
-        raise OutputError(f"--ckpt {ckpt} is a folder: name the .safetensors file to write, e.g. {ckpt / 'teacher.safetensors'}")
+        raise OutputError(f"{ckpt_flag} {ckpt} is a folder: name the .safetensors file to write, e.g. "
+                          f"{ckpt / 'teacher.safetensors'}")
     # Where the weights go must be writable before the fine-tuning, not after it.
-    check_writable(ckpt.parent, " (choose another --ckpt)")
+    check_writable(ckpt.parent, f" (choose another {ckpt_flag})")
     if ckpt.exists() and not cfg.resume:
         if not cfg.overwrite:
             meta = load_checkpoint(ckpt)[1]  # fails clearly if the file is unusable
@@ -107,7 +121,7 @@ def fine_tune(cfg: TeacherConfig) -> dict:
     from .methods.ce import FINE_TUNING as CE_ON_THE_TEACHER
     from .train import distill  # (kd.train loads teachers through this module)
 
-    summary = distill(cfg, CE_ON_THE_TEACHER, "teacher")
+    summary = distill(cfg, CE_ON_THE_TEACHER, "teacher", flag=flag)
     tree, meta = load_checkpoint(Path(summary["run_dir"]) / "best.safetensors")
     meta = {k: v for k, v in meta.items() if k not in ("format", "code_version")}
     meta.update({"config": to_dict(cfg), "val_acc": summary["best_val_acc"], "test_acc": summary["best_test_acc"]})
@@ -119,15 +133,15 @@ def fine_tune(cfg: TeacherConfig) -> dict:
     return summary
 
 
-def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int, flag: str = "--teacher") -> None:
-    """Fine-tune the teacher when its checkpoint is missing (as the original ``run_ibkd.sh`` did). The
-    teacher sees the same dataset, split and seed as the student, so the validation images stay unseen
-    by both; SPEC 5's defaults apply otherwise."""
+def ensure_teacher(cfg: RunConfig, spec: TeacherSpec, epochs: int, flag: str = "--teachers.0") -> None:
+    """Fine-tune the teacher ``spec`` (named ``flag`` on the command line) when its checkpoint is missing (as the
+    original ``run_ibkd.sh`` did). The teacher sees the same dataset, split and seed as the student, so the
+    validation images stay unseen by both; SPEC 5's defaults apply otherwise."""
     setup(cfg)  # a bad --device/--kernels fails before any fine-tuning; joins a data-parallel job
     barrier()  # every rank sees the same answer to "does the checkpoint exist?"
-    if Path(ckpt).exists():
+    if Path(spec.ckpt).exists():
         return
-    say(f"teacher checkpoint {ckpt} is missing: fine-tuning {model.arch} for {epochs} epochs first")
+    say(f"teacher checkpoint {spec.ckpt} is missing: fine-tuning {spec.arch} for {epochs} epochs first")
     base = FINE_TUNING
     data = dataclasses.replace(base.data, name=cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
                                split_seed=cfg.data.split_seed,
@@ -136,25 +150,22 @@ def ensure_teacher(cfg: RunConfig, model: ModelConfig, ckpt: str, epochs: int, f
                                eval_batch_size=cfg.data.eval_batch_size, prefetch=cfg.data.prefetch)
     # SPEC 5 warms up for 5 of 30 epochs: keep that ratio when fewer fine-tuning epochs are asked for.
     optim = dataclasses.replace(base.optim, warmup_epochs=min(base.optim.warmup_epochs, epochs / 6))
-    try:
-        fine_tune(dataclasses.replace(
-            base, teacher=model, ckpt=ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
-            device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
-            out_dir=cfg.out_dir, log_every=cfg.log_every, log=cfg.log, dist=cfg.dist, kernels=cfg.kernels,
-            run_name="", resume=""))
-    except (ConfigError, OutputError) as exc:  # fine_tune names its own flags (--teacher.*, --ckpt): name this recipe's
-        message = str(exc).replace("--teacher.", f"{flag}.").replace("--ckpt", f"{flag}-ckpt")
-        if message == str(exc):
-            raise
-        raise type(exc)(message) from None
+    model = ModelConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)})
+    fine_tune(dataclasses.replace(
+        base, teacher=model, ckpt=spec.ckpt, data=data, optim=optim, epochs=epochs, seed=cfg.seed, compile=cfg.compile,
+        device=cfg.device, channels_last=cfg.channels_last, disable_tqdm=cfg.disable_tqdm, amp=cfg.amp,
+        out_dir=cfg.out_dir, log_every=cfg.log_every, log=cfg.log, dist=cfg.dist, kernels=cfg.kernels,
+        run_name="", resume=""), flag=flag, ckpt_flag=f"{flag}.ckpt")
 
 
 def load_teacher(model: ModelConfig, ckpt: str, num_classes: int, device: torch.device, *,
-                 channels_last: bool = False, fold_bn: bool = False, dataset: str | None = None) -> Net:
+                 channels_last: bool = False, fold_bn: bool = False, dataset: str | None = None,
+                 flag: str = "--teacher") -> Net:
     """A frozen teacher: the skeleton from ``model`` (no download: the weights come from ``ckpt``), checked
     against the checkpoint's architecture and class count, and against ``dataset`` (the run's data) where
     the checkpoint records the data it was trained on; ``fold_bn``: see :func:`fold_batchnorm`."""
-    net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last)
+    net = build_net(dataclasses.replace(model, pretrained=False), num_classes, device, channels_last=channels_last,
+                    flag=flag)
     params, buffers, meta = load_weights(ckpt, expect={"arch": model.arch, "num_classes": num_classes}, device=device)
     trained_on = meta.get("dataset")
     if dataset is not None and trained_on is not None and trained_on != dataset:

@@ -51,28 +51,30 @@ def build_step(cfg: RunConfig, loss: Loss, spe: int, epochs: int, device: torch.
     return compile_step(step, cfg.compile, mode=compile_mode(cfg)), optimizer
 
 
-def distill(cfg: RunConfig, method: Method, recipe: str) -> dict[str, Any]:
+def distill(cfg: RunConfig, method: Method, recipe: str, *, flag: str | None = None) -> dict[str, Any]:
     """Train ``cfg.student`` (``cfg.teacher`` for teacher fine-tuning: ``method.part``) with ``method``'s loss
-    against its frozen teachers (none for CE); the summary's ``method`` is ``recipe`` (a variant's name keeps
-    its runs apart in a report)."""
+    against its frozen teachers ``cfg.teachers`` (none for CE); the summary's ``method`` is ``recipe`` (a variant's
+    name keeps its runs apart in a report). ``flag``: the command line's name of the trained network, which
+    errors name (default ``--student`` / ``--teacher``)."""
     cfg = resolve_resume(cfg)
-    specs = method.teachers(cfg)
-    for name, (model, ckpt) in specs.items():
-        ensure_teacher(cfg, model, ckpt, cfg.teacher_epochs, f"--{name}")
+    specs = method.teacher_specs(cfg)
+    flags = {name: f"--teachers.{i}" for i, name in enumerate(specs)}
+    for name, spec in specs.items():
+        ensure_teacher(cfg, spec, cfg.teacher_epochs, flags[name])
     cfg, device, splits, run = prepare(cfg, recipe)
     part, model = method.part, getattr(cfg, method.part)  # the trained network: cfg.student (cfg.teacher)
     say(f"run {run.root}  |  {splits.description}  |  {part} {model.arch}  |  device {device}"
-        + (f"  |  teachers {' + '.join(m.arch for m, _ in specs.values())}" if specs else ""))
+        + (f"  |  teachers {' + '.join(spec.arch for spec in specs.values())}" if specs else ""))
     t0 = time.perf_counter()
-    teachers = {name: load_teacher(m, ckpt, splits.num_classes, device, channels_last=cfg.channels_last,
-                                   fold_bn=cfg.fold_teacher_bn, dataset=splits.name)
-                for name, (m, ckpt) in specs.items()}
-    hashes = teacher_hashes({name: ckpt for name, (_, ckpt) in specs.items()}, run.root if cfg.resume else None)
+    teachers = {name: load_teacher(spec, spec.ckpt, splits.num_classes, device, channels_last=cfg.channels_last,
+                                   fold_bn=cfg.fold_teacher_bn, dataset=splits.name, flag=flags[name])
+                for name, spec in specs.items()}
+    hashes = teacher_hashes({name: spec.ckpt for name, spec in specs.items()}, run.root if cfg.resume else None)
     shared = teacher_outputs_for(cfg, {name: (net, hashes[name]) for name, net in teachers.items()}, splits, device,
                                  method=recipe, maps=method.reads_maps(cfg)) if specs else None
 
     net = build_net(model, splits.num_classes, device, channels_last=cfg.channels_last, seed=cfg.seed,
-                    flag=f"--{part}")
+                    flag=flag or f"--{part}")
     if cfg.dist.sync_bn and world().size > 1:
         convert_sync_bn(net.train_skeleton)
     spe = steps_per_epoch(splits, cfg.data)
@@ -92,7 +94,7 @@ def distill(cfg: RunConfig, method: Method, recipe: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"recipe": recipe, "run_dir": str(run.root), "dataset": splits.description,
                                part: model.arch}
     if specs:
-        summary.update(method=recipe, teachers=[m.arch for m, _ in specs.values()])
+        summary.update(method=recipe, teachers=[spec.arch for spec in specs.values()])
     if loss.stages is not None:
         summary.update(loss.stages.start(run, splits))
     eval_fn = compile_step(make_eval_fn(net.eval_skeleton), cfg.compile, mode=compile_mode(cfg))

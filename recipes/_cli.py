@@ -26,6 +26,7 @@ def parse(default: C, argv: list[str] | None, *, prog: str, description: str) ->
     :func:`kd.supervised.resolve_resume` then applies or refuses them.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    _renamed(default, args)
     path, args = _config_flag(args)
     if path is not None:
         default = apply_config_file(default, path)
@@ -57,6 +58,32 @@ def _config_flag(args: list[str]) -> tuple[str | None, list[str]]:
             rest.append(args[i])
         i += 1
     return path, rest
+
+
+# Flags renamed when the teachers became one list (``--teachers.0.*``, ``--teachers.1.*``, ...).
+RENAMED_TEACHER_FLAGS = {"teacher": 0, "teacher1": 0, "teacher2": 1}
+RENAMED_SINGLE_TEACHER = {"teacher1": "0", "teacher2": "1", "stronger": "-1"}
+
+
+def _renamed(default: object, args: list[str]) -> None:
+    """A flag of an earlier version (``--teacher1.arch``, ``--teacher2-ckpt``, ``--single-teacher teacher1``) is
+    one :class:`ConfigError` naming the flag that replaced it."""
+    if not hasattr(default, "teachers"):  # recipes.teacher's --teacher is its own network, not renamed
+        return
+    for i, arg in enumerate(args):
+        name, _, _ = arg.partition("=")
+        head, dot, field = name[2:].replace("_", "-").partition(".")
+        if name.startswith("--") and head.endswith("-ckpt") and head[: -len("-ckpt")] in RENAMED_TEACHER_FLAGS:
+            new = f"--teachers.{RENAMED_TEACHER_FLAGS[head[: -len('-ckpt')]]}.ckpt"
+        elif name.startswith("--") and dot and head in RENAMED_TEACHER_FLAGS:
+            new = f"--teachers.{RENAMED_TEACHER_FLAGS[head]}.{field}"
+        elif name == "--single-teacher" and i + 1 < len(args) and args[i + 1] in RENAMED_SINGLE_TEACHER:
+            raise ConfigError(f"--single-teacher {args[i + 1]} is now --single-teacher "
+                              f"{RENAMED_SINGLE_TEACHER[args[i + 1]]} (an index of --teachers; -1 = the stronger)")
+        else:
+            continue
+        raise ConfigError(f"{name} is now {new}: the teachers are one list (--teachers.0.arch, --teachers.0.ckpt, "
+                          f"--teachers.1.arch, ...)")
 
 
 def _cli(default: C, args: list[str], prog: str, description: str) -> C:

@@ -75,10 +75,9 @@ class BenchDistillConfig:
     'reduce-overhead' (CUDA only; skipped with a note on a CPU)."""
     student: ModelConfig = ModelConfig(arch="resnet8x4")
     """Student."""
-    teacher1: ModelConfig = ModelConfig(arch="resnet32x4")
-    """First teacher (AT's and KD's teacher)."""
-    teacher2: ModelConfig = ModelConfig(arch="wrn_40_2")
-    """Second teacher (IB-KD)."""
+    teachers: tuple[ModelConfig, ModelConfig] = (ModelConfig(arch="resnet32x4"), ModelConfig(arch="wrn_40_2"))
+    """The two teachers (random weights): --teachers.0.arch (AT's and KD's teacher), --teachers.1.arch (IB-KD's
+    second)."""
     num_classes: int = 100
     """Classes (CIFAR-100)."""
     z_dim: int = 512
@@ -115,7 +114,8 @@ def _build(cfg: BenchDistillConfig, method: str, provider: str, batch_size: int,
     compiled, backend, cudagraphs = parse_provider(provider)
     torch.manual_seed(0)
     student = build_net(cfg.student, cfg.num_classes, device, seed=0)
-    teachers = [build_net(m, cfg.num_classes, device, seed=i + 1) for i, m in enumerate((cfg.teacher1, cfg.teacher2))]
+    teachers = [build_net(m, cfg.num_classes, device, seed=i + 1, flag=f"--teachers.{i}")
+                for i, m in enumerate(cfg.teachers)]
     frozen = {f"teacher{i + 1}": {"params": t.params, "buffers": t.buffers} for i, t in enumerate(teachers)}
     params, buffers = {"student": student.params}, {"student": student.buffers}
     optimizer = adamw(weight_decay=5e-4)
@@ -393,8 +393,8 @@ def run(cfg: BenchDistillConfig) -> list[dict]:
     except ImportError:
         triton_version = "none"
     header = (f"{device_label(device)}, torch {torch.__version__}, triton {triton_version}, "
-              f"{time.strftime('%Y-%m-%d')}; student {cfg.student.arch}, teachers {cfg.teacher1.arch} + "
-              f"{cfg.teacher2.arch}, AdamW (kd: SGD), median of {cfg.rounds} rounds x {cfg.steps} steps after "
+              f"{time.strftime('%Y-%m-%d')}; student {cfg.student.arch}, teachers {cfg.teachers[0].arch} + "
+              f"{cfg.teachers[1].arch}, AdamW (kd: SGD), median of {cfg.rounds} rounds x {cfg.steps} steps after "
               f"{cfg.warmup} warm-up steps")
     rows: list[dict] = []
     for method in cfg.methods:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from kd.checkpoint import read_metadata
-from kd.config import ModelConfig, RunConfig, resolve_device
+from kd.config import RunConfig, resolve_device
 from kd.errors import ConfigError
 from kd.methods import REGISTRY
-from kd.methods.base import one_teacher, two_teachers
+from kd.methods.base import ONE_TEACHER
 from kd.rundir import say
-from kd.teachers import ensure_teacher
+from kd.teachers import TeacherSpec, ensure_teacher
 
 from . import at, camkd, ce, dkd, ensemble_kd, fitnet, ibkd, kd, report
 from ._cli import parse
@@ -33,8 +33,8 @@ Method = Literal["ce", "kd", "at", "fitnet", "dkd", "ensemble_kd", "camkd", "ibk
 METHODS = {"ce": ce, "kd": kd, "at": at, "fitnet": fitnet, "dkd": dkd, "ensemble_kd": ensemble_kd,
            "camkd": camkd, "ibkd": ibkd}
 assert set(METHODS) == set(REGISTRY), "a method of kd.methods.REGISTRY lacks its preset here"
-SINGLE_TEACHER = tuple(name for name, method in REGISTRY.items() if method.teachers is one_teacher)
-TWO_TEACHERS = tuple(name for name, method in REGISTRY.items() if method.teachers is two_teachers)
+SINGLE_TEACHER = tuple(name for name, method in REGISTRY.items() if method.teachers == ONE_TEACHER)
+MULTI_TEACHER = tuple(name for name, method in REGISTRY.items() if method.teachers[0] >= 2)
 
 # IB-KD ablations: the compared IB-KD config with one piece replaced.
 ABLATIONS: dict[str, Callable[["CompareConfig", ibkd.IBKDConfig], ibkd.IBKDConfig]] = {
@@ -85,9 +85,9 @@ class CompareConfig(ibkd.IBKDConfig):
     (stage_b.kd_target average)."""
     seeds: tuple[int, ...] = (0, 1)
     """Run seeds (initialisation, data order, augmentation); the validation split stays data.split_seed."""
-    single_teacher: Literal["teacher1", "teacher2", "stronger"] = "stronger"
-    """Teacher of the single-teacher baselines (kd, at, fitnet, dkd); 'stronger' = the one whose checkpoint
-    records the higher validation accuracy (teacher1 on a tie)."""
+    single_teacher: int = -1
+    """Index in --teachers of the single-teacher baselines' teacher (kd, at, fitnet, dkd); -1 = the one whose
+    checkpoint records the higher validation accuracy (the first on a tie)."""
     ablation_gamma: float = 1.0
     """Feature-term weight stage_b.gamma of the ibkd_feat ablation."""
     report_name: str = "compare"
@@ -105,6 +105,9 @@ class CompareConfig(ibkd.IBKDConfig):
         super().__post_init__()
         if self.resume:
             raise ConfigError("compare has no --resume: resume one of its runs with that method's recipe")
+        if not -1 <= self.single_teacher < len(self.teachers):
+            raise ConfigError(f"--single-teacher must be -1 (the stronger) or an index of --teachers "
+                              f"(0..{len(self.teachers) - 1}), got {self.single_teacher}")
 
 
 CONFIG = CompareConfig(**{f.name: getattr(ibkd.CONFIG, f.name) for f in dataclasses.fields(ibkd.IBKDConfig)})
@@ -113,23 +116,20 @@ CONFIG = CompareConfig(**{f.name: getattr(ibkd.CONFIG, f.name) for f in dataclas
 def validation_accuracy(ckpt: str) -> float:
     meta = read_metadata(ckpt)
     if "val_acc" not in meta:
-        raise ConfigError(f"{ckpt} records no val_acc (not written by recipes.teacher): pass --single-teacher "
-                          "teacher1 or teacher2")
+        raise ConfigError(f"{ckpt} records no val_acc (not written by recipes.teacher): pass --single-teacher 0 "
+                          "or another index of --teachers")
     return float(meta["val_acc"])
 
 
-def pick_single_teacher(cfg: CompareConfig) -> tuple[ModelConfig, str]:
-    """The single-teacher baselines' teacher and checkpoint; 'stronger' reads both checkpoints' val_acc."""
-    if cfg.single_teacher == "teacher1":
-        return cfg.teacher1, cfg.teacher1_ckpt
-    if cfg.single_teacher == "teacher2":
-        return cfg.teacher2, cfg.teacher2_ckpt
-    acc1, acc2 = validation_accuracy(cfg.teacher1_ckpt), validation_accuracy(cfg.teacher2_ckpt)
-    name, model, ckpt = ("teacher1", cfg.teacher1, cfg.teacher1_ckpt) if acc1 >= acc2 else \
-        ("teacher2", cfg.teacher2, cfg.teacher2_ckpt)
-    say(f"single-teacher baselines distil from the stronger teacher: {name} {model.arch} "
-        f"(val acc {cfg.teacher1.arch} {acc1:.2f}%, {cfg.teacher2.arch} {acc2:.2f}%)")
-    return model, ckpt
+def pick_single_teacher(cfg: CompareConfig) -> TeacherSpec:
+    """The single-teacher baselines' teacher; -1 (the stronger) reads every checkpoint's val_acc."""
+    if cfg.single_teacher >= 0:
+        return cfg.teachers[cfg.single_teacher]
+    accs = [validation_accuracy(spec.ckpt) for spec in cfg.teachers]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    say(f"single-teacher baselines distil from the stronger teacher: --teachers.{best} {cfg.teachers[best].arch} "
+        f"(val acc {', '.join(f'{spec.arch} {acc:.2f}%' for spec, acc in zip(cfg.teachers, accs))})")
+    return cfg.teachers[best]
 
 
 def shared_outputs(cfg: CompareConfig) -> str:
@@ -145,7 +145,7 @@ def shared_outputs(cfg: CompareConfig) -> str:
     return str(Path(cfg.out_dir) / "teacher_outputs")
 
 
-def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[ModelConfig, str] | None):
+def method_config(cfg: CompareConfig, method: str, seed: int, single: TeacherSpec | None):
     """The config one method runs with: IB-KD (and its ablations) from the compared IB-KD fields, the
     baselines from their recipe's defaults with the shared data, budget, student and teachers."""
     if method == "ibkd" or method in ABLATIONS:
@@ -159,20 +159,18 @@ def method_config(cfg: CompareConfig, method: str, seed: int, single: tuple[Mode
     if method != "ce":
         overrides["teacher_cache"] = shared_outputs(cfg)
     if method in SINGLE_TEACHER:
-        overrides.update(teacher=single[0], teacher_ckpt=single[1], teacher_epochs=cfg.teacher_epochs)
-    if method in TWO_TEACHERS:
-        overrides.update(teacher1=cfg.teacher1, teacher1_ckpt=cfg.teacher1_ckpt, teacher2=cfg.teacher2,
-                         teacher2_ckpt=cfg.teacher2_ckpt, teacher_epochs=cfg.teacher_epochs)
+        overrides.update(teachers=(single,), teacher_epochs=cfg.teacher_epochs)
+    if method in MULTI_TEACHER:
+        overrides.update(teachers=cfg.teachers, teacher_epochs=cfg.teacher_epochs)
     return dataclasses.replace(METHODS[method].CONFIG, **overrides)
 
 
 def run(cfg: CompareConfig) -> list[dict]:
     needs_single = any(m in SINGLE_TEACHER for m in cfg.methods)
-    needs_both = any(m not in ("ce", *SINGLE_TEACHER) for m in cfg.methods)
-    if needs_single or needs_both:
-        ensure_teacher(cfg, cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher_epochs, "--teacher1")
-    if needs_both or (needs_single and cfg.single_teacher != "teacher1"):
-        ensure_teacher(cfg, cfg.teacher2, cfg.teacher2_ckpt, cfg.teacher_epochs, "--teacher2")
+    needs_all = any(m not in ("ce", *SINGLE_TEACHER) for m in cfg.methods) or (needs_single and cfg.single_teacher < 0)
+    for i, spec in enumerate(cfg.teachers):  # the missing ones are fine-tuned first, before any comparison run
+        if needs_all or (needs_single and i == cfg.single_teacher):
+            ensure_teacher(cfg, spec, cfg.teacher_epochs, f"--teachers.{i}")
     single = pick_single_teacher(cfg) if needs_single else None
     run_dirs = []
     for seed in cfg.seeds:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.checkpoint import load_checkpoint
-from kd.config import from_dict, resolve_device
+from kd.config import from_dict, resolve_device, upgrade_saved
 from kd.data import eval_batches, load_splits, train_batches
 from kd.errors import ConfigError
 from kd.methods.ibkd import MBM, IBKDConfig, logit_spread, teacher_average
@@ -50,15 +50,15 @@ def run(cfg: InspectConfig) -> dict:
     root = Path(cfg.run)
     if not (root / "config.json").is_file():
         raise ConfigError(f"{root} is not an IB-KD run directory (no config.json)")
-    run_cfg = from_dict(IBKDConfig, {k: v for k, v in json.loads((root / "config.json").read_text()).items()
-                                     if k != "recipe"})
+    run_cfg = from_dict(IBKDConfig, upgrade_saved({k: v for k, v in json.loads((root / "config.json").read_text()).items()
+                                                   if k != "recipe"}))
     if run_cfg.mbm.kind in ("attn", "avg"):
         raise ConfigError(f"{root} fuses its teachers with mbm.kind {run_cfg.mbm.kind}: this inspection compares a "
                           f"gate or vib MBM's synergy (which needs no student) with the teachers' average")
     device = resolve_device(cfg.device)
     splits = load_splits(run_cfg.data, run_cfg.seed)
-    teachers = tuple(load_teacher(m, c, splits.num_classes, device, dataset=splits.name) for m, c in
-                     ((run_cfg.teacher1, run_cfg.teacher1_ckpt), (run_cfg.teacher2, run_cfg.teacher2_ckpt)))
+    teachers = tuple(load_teacher(spec, spec.ckpt, splits.num_classes, device, dataset=splits.name)
+                     for spec in run_cfg.teachers)
     tree, _ = load_checkpoint(root / f"mbm_stage{cfg.stage}.safetensors", device=device)
     dims = tuple(feature_shapes(t.eval_skeleton)["pooled"][1] for t in teachers)
     mbm = MBM(run_cfg.mbm, dims, splits.num_classes, adapters=run_cfg.stage_a.teacher_adapters).to(device).eval()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kd.config import ModelConfig
 from kd.methods.ibkd import StageAConfig
 from kd.rundir import say
+from kd.teachers import TeacherSpec
 
 from . import ce, ibkd, report
 from ._cli import parse
@@ -35,10 +36,8 @@ CONFIG = QuickstartConfig(
     optim=dataclasses.replace(ibkd.CONFIG.optim, warmup_epochs=1),
     epochs=8,
     student=ModelConfig(arch="resnet8"),
-    teacher1=ModelConfig(arch="resnet20", pretrained=False),
-    teacher1_ckpt="checkpoints/quickstart/resnet20.safetensors",
-    teacher2=ModelConfig(arch="wrn_16_1", pretrained=False),
-    teacher2_ckpt="checkpoints/quickstart/wrn_16_1.safetensors",
+    teachers=(TeacherSpec(arch="resnet20", pretrained=False, ckpt="checkpoints/quickstart/resnet20.safetensors"),
+              TeacherSpec(arch="wrn_16_1", pretrained=False, ckpt="checkpoints/quickstart/wrn_16_1.safetensors")),
     teacher_epochs=10,
     stage_a=StageAConfig(epochs=15, batch_size=128),
     compile=False,

@@ -15,7 +15,7 @@ stage B 90 epochs; validation every epoch, the student's with its EMA too) and w
 ``--out``/smoke_pipeline.md after every part, so a run stopped by a timeout still leaves the parts it finished.
 
     python launch.py recipes.smoke_pipeline --out results/                     # on a GPU
-    python launch.py recipes.smoke_pipeline --teacher1.arch resnet8 --teacher2.arch resnet8 \\
+    python launch.py recipes.smoke_pipeline --teachers.0.arch resnet8 --teachers.1.arch resnet8 \\
         --student.arch resnet8 --steps 2 --warmup 1 --data.batch-size 8 --stage-a-batch-size 16 \\
         --data.eval-batch-size 16 --device cpu --out /tmp/smoke                  # a CPU smoke
 """
@@ -52,10 +52,9 @@ from ._cli import parse
 class SmokePipelineConfig:
     """The default IB-KD pipeline, a few steps per part."""
 
-    teacher1: ModelConfig = ModelConfig(arch="resnet152", pretrained=False)
-    """First teacher (from scratch: no download)."""
-    teacher2: ModelConfig = ModelConfig(arch="efficientnet_b2", pretrained=False)
-    """Second teacher (from scratch: no download)."""
+    teachers: tuple[ModelConfig, ModelConfig] = (ModelConfig(arch="resnet152", pretrained=False),
+                                                 ModelConfig(arch="efficientnet_b2", pretrained=False))
+    """The two teachers, --teachers.0.arch and --teachers.1.arch (from scratch: no download)."""
     student: ModelConfig = ModelConfig(arch="resnet8x4")
     """Student."""
     data: DataConfig = field(default_factory=lambda: DataConfig(
@@ -228,7 +227,7 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
     splits = load_splits(data_cfg, cfg.seed)
     k = splits.num_classes
     header = (f"{device_label(device)}, torch {torch.__version__}; {splits.description}, {len(splits.train.labels)} "
-              f"training images; teachers {cfg.teacher1.arch} + {cfg.teacher2.arch}, student {cfg.student.arch}; "
+              f"training images; teachers {cfg.teachers[0].arch} + {cfg.teachers[1].arch}, student {cfg.student.arch}; "
               f"amp {amp.dtype}, compile {'on' if compiled else 'off'} ({cfg.compile_mode}), kernels {cfg.kernels}; "
               f"{n} timed steps per part after {w} warm-up steps; {time.strftime('%Y-%m-%d')}")
     print(header, flush=True)
@@ -247,9 +246,10 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
     if cfg.channels_last:
         eval_x = eval_x.contiguous(memory_format=torch.channels_last)
     teachers = []
-    for i, model in enumerate((cfg.teacher1, cfg.teacher2)):
+    for i, model in enumerate(cfg.teachers):
         name = f"teacher{i + 1}"
-        net = build_net(model, k, device, channels_last=cfg.channels_last, seed=cfg.seed + i + 1, flag=f"--{name}")
+        net = build_net(model, k, device, channels_last=cfg.channels_last, seed=cfg.seed + i + 1,
+                        flag=f"--teachers.{i}")
         optim = dataclasses.replace(FINE_TUNING.optim, warmup_epochs=min(FINE_TUNING.optim.warmup_epochs,
                                                                         c.teacher_epochs / 6))
         optimizer = build_optimizer(optim)
@@ -274,7 +274,7 @@ def run(cfg: SmokePipelineConfig) -> list[dict]:
     teachers = tuple(teachers)
 
     # Stage-A feature cache: both frozen teachers over every train / val / test image (one view).
-    ib = IBKDConfig(student=cfg.student, teacher1=cfg.teacher1, teacher2=cfg.teacher2, data=dataclasses.replace(
+    ib = IBKDConfig(student=cfg.student, data=dataclasses.replace(
         STUDENT_DATA, name=data_cfg.name, root=data_cfg.root, val_size=data_cfg.val_size,
         split_seed=data_cfg.split_seed, synthetic_size=data_cfg.synthetic_size,
         synthetic_classes=data_cfg.synthetic_classes, batch_size=batch, eval_batch_size=eval_batch,

@@ -16,7 +16,7 @@ import torch
 import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_NETS = ["--student.arch", "resnet8", "--teacher1.arch", "resnet8", "--teacher2.arch", "resnet8"]
+TINY_NETS = ["--student.arch", "resnet8", "--teachers.0.arch", "resnet8", "--teachers.1.arch", "resnet8"]
 BENCH_COLUMNS = ["method", "batch_size", "provider", "status", "images_per_s", "images_per_s_min", "images_per_s_max",
                  "step_ms", "peak_memory_mib", "warmup_s", "triton_launches_per_step", "op_calls_per_step",
                  "launches_counted_on", "loss_ms", "loss_share"]
@@ -48,8 +48,9 @@ def expected_triton_launches_per_step(method: str) -> int:
     from recipes import bench_distill
     from kd.config import ModelConfig
 
-    cfg = bench_distill.BenchDistillConfig(student=ModelConfig(arch="resnet8"), teacher1=ModelConfig(arch="resnet8"),
-                                           teacher2=ModelConfig(arch="resnet8"), num_classes=10, z_dim=16)
+    cfg = bench_distill.BenchDistillConfig(student=ModelConfig(arch="resnet8"),
+                                           teachers=(ModelConfig(arch="resnet8"), ModelConfig(arch="resnet8")),
+                                           num_classes=10, z_dim=16)
     step, state, batch = bench_distill.build_step(cfg, method, "eager+triton", 4, torch.device("cpu"))
     before = sum(kernels.KERNEL_LAUNCHES.values())
     step(state, batch)

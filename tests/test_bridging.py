@@ -12,6 +12,7 @@ import kd.loop
 from kd import tree as T
 from kd.checkpoint import load_checkpoint, save_weights
 from kd.config import ModelConfig
+from kd.teachers import TeacherSpec
 from kd.data import DataConfig, load_splits, train_batches
 from kd.methods.camkd import camkd_kd, teacher_weights
 from kd.methods.ibkd import (MBM, MBMConfig, ProjectionHead, StageAConfig, StageBConfig, StageBParts, stage_a_loss,
@@ -235,8 +236,8 @@ def _config(tmp, teacher_ckpts, name, **changes):
     a = StageAConfig(epochs=2, batch_size=16, student_kd=changes.pop("student_kd", 1.0), student_kd_start=0)
     cfg = dataclasses.replace(
         ibkd.CONFIG, student=ModelConfig(arch="resnet8"), epochs=changes.pop("epochs", 2), num_stages=2,
-        teacher1=ModelConfig(arch="resnet8", pretrained=False), teacher1_ckpt=teacher_ckpts[0],
-        teacher2=ModelConfig(arch="wrn_16_1", pretrained=False), teacher2_ckpt=teacher_ckpts[1],
+        teachers=(TeacherSpec(arch="resnet8", pretrained=False, ckpt=teacher_ckpts[0]),
+                  TeacherSpec(arch="wrn_16_1", pretrained=False, ckpt=teacher_ckpts[1])),
         mbm=MBMConfig(kind=changes.pop("kind", "attn"), z_dim=16), stage_a=a, compile=False, device="cpu",
         disable_tqdm=True, kernels="reference", log_every=1, out_dir=str(tmp), run_name=name,
         data=DataConfig(name="synthetic", synthetic_size=48, val_size=16, batch_size=16, eval_batch_size=32,

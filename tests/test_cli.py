@@ -29,7 +29,7 @@ def test_help_shows_every_field_with_docstring_and_default():
     proc = launch("recipes.ibkd", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for flag in ("--teacher1.arch", "--stage-a.cache-views", "--stage-b.latent-norm", "--grad-clip-norm-final",
+    for flag in ("--teachers.0.arch", "--stage-a.cache-views", "--stage-b.latent-norm", "--grad-clip-norm-final",
                  "--amp.grad-scaler-init-scale", "--disable-tqdm", "--mbm.kind", "--num-stages", "--resume"):
         assert flag in text, flag
     assert "(default: 1024.0)" in text and "switched off" in text
@@ -69,8 +69,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_work(tmp_path):
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8",
-                  "--teacher.pretrained", "False", "--teacher-ckpt", str(bad), cwd=tmp_path)
+    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teachers.0.arch", "resnet8",
+                  "--teachers.0.pretrained", "False", "--teachers.0.ckpt", str(bad), cwd=tmp_path)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.safetensors" in lines[0] and "truncated or corrupt" in lines[0]

@@ -149,7 +149,7 @@ def test_step_benchmark_writes_its_table(tmp_path):
 
     cfg = bench_distill.BenchDistillConfig(
         batch_sizes=(4,), providers=("eager+reference", "eager+triton"), student=ModelConfig(arch="resnet8"),
-        teacher1=ModelConfig(arch="resnet8"), teacher2=ModelConfig(arch="wrn_16_1"), num_classes=10, z_dim=16,
+        teachers=(ModelConfig(arch="resnet8"), ModelConfig(arch="wrn_16_1")), num_classes=10, z_dim=16,
         steps=1, warmup=1, rounds=1, device=str(DEVICE), out=str(tmp_path))
     before = kernels.LAUNCHES.copy()
     rows = bench_distill.run(cfg)

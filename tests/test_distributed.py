@@ -141,9 +141,9 @@ def test_ibkd_on_two_ranks(tmp_path):
         launch(1, "recipes.teacher", *[a for a in TINY if a not in ("--student.arch", "resnet8")], "--epochs", "1",
                "--teacher.arch", arch, "--teacher.pretrained", "False", "--ckpt", f"ck/{arch}.safetensors",
                "--out-dir", "runs_teacher", cwd=tmp_path)
-    launch(2, "recipes.ibkd", *TINY, "--epochs", "1", "--teacher1.arch", "resnet8", "--teacher1.pretrained", "False",
-           "--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1", "--teacher2.pretrained",
-           "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2", "--stage-a.batch-size",
+    launch(2, "recipes.ibkd", *TINY, "--epochs", "1", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False",
+           "--teachers.0.ckpt", "ck/resnet8.safetensors", "--teachers.1.arch", "wrn_16_1", "--teachers.1.pretrained",
+           "False", "--teachers.1.ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2", "--stage-a.batch-size",
            "16", "--mbm.z-dim", "32", "--dist.sync-bn", "True", "--out-dir", "runs", "--run-name", "ibkd",
            cwd=tmp_path)
     run_dir = tmp_path / "runs" / "ibkd"

@@ -209,8 +209,7 @@ def test_ensemble_recipe_loss_uses_both_teachers():
 def test_ensemble_defaults_match_ibkd_teachers():
     from recipes import ensemble_kd, ibkd, kd
 
-    for name in ("teacher1", "teacher1_ckpt", "teacher2", "teacher2_ckpt", "teacher_epochs", "student", "epochs",
-                 "data", "optim"):
+    for name in ("teachers", "teacher_epochs", "student", "epochs", "data", "optim"):
         assert getattr(ensemble_kd.CONFIG, name) == getattr(ibkd.CONFIG, name), name
     assert (ensemble_kd.CONFIG.temperature, ensemble_kd.CONFIG.alpha) == (kd.CONFIG.temperature, kd.CONFIG.alpha)
 
@@ -248,8 +247,8 @@ def only_run(out: Path) -> Path:
 
 def test_dkd_cli_smoke(workdir):
     out = workdir / "runs_dkd"
-    proc = launch("recipes.dkd", *TINY, "--epochs", "2", "--student.arch", "resnet8", "--teacher.arch", "resnet8",
-                  "--teacher.pretrained", "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5",
+    proc = launch("recipes.dkd", *TINY, "--epochs", "2", "--student.arch", "resnet8", "--teachers.0.arch", "resnet8",
+                  "--teachers.0.pretrained", "False", "--teachers.0.ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5",
                   "--out-dir", str(out), cwd=workdir)
     run_dir = only_run(out)
     assert run_dir.name.startswith("dkd-") and "| best |" in proc.stdout
@@ -270,10 +269,10 @@ def test_dkd_cli_smoke(workdir):
 
 def test_ensemble_kd_cli_smoke_fine_tunes_the_missing_teacher(workdir):
     out = workdir / "runs_ens"
-    proc = launch("recipes.ensemble_kd", *TINY, "--student.arch", "resnet8", "--teacher1.arch", "resnet8",
-                  "--teacher1.pretrained", "False", "--teacher1-ckpt", "ck/resnet8.safetensors",
-                  "--teacher2.arch", "wrn_16_1", "--teacher2.pretrained", "False",
-                  "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--teacher-epochs", "1", "--out-dir", str(out),
+    proc = launch("recipes.ensemble_kd", *TINY, "--student.arch", "resnet8", "--teachers.0.arch", "resnet8",
+                  "--teachers.0.pretrained", "False", "--teachers.0.ckpt", "ck/resnet8.safetensors",
+                  "--teachers.1.arch", "wrn_16_1", "--teachers.1.pretrained", "False",
+                  "--teachers.1.ckpt", "ck/wrn_16_1.safetensors", "--teacher-epochs", "1", "--out-dir", str(out),
                   cwd=workdir)
     assert "ck/wrn_16_1.safetensors is missing" in proc.stdout
     assert (workdir / "ck" / "wrn_16_1.safetensors").is_file()

@@ -124,8 +124,8 @@ def test_non_weights_checkpoint_as_teacher_is_one_line(finished_run, tmp_path, n
         ckpt = save_checkpoint(tmp_path / "mbm_stage1.safetensors", {"params": {"mbm": {"w": torch.zeros(2)}}},
                                {"kind": "mbm", "arch": "resnet8", "num_classes": 10})
     out = tmp_path / "runs"
-    proc = launch("recipes.kd", *TINY, "--teacher.arch", "resnet8", "--teacher.pretrained", "False",
-                  "--teacher-ckpt", ckpt, "--out-dir", out, "--run-name", "kd", cwd=tmp_path)
+    proc = launch("recipes.kd", *TINY, "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False",
+                  "--teachers.0.ckpt", ckpt, "--out-dir", out, "--run-name", "kd", cwd=tmp_path)
     expected = "is a training-state checkpoint, not model weights" if name != "mbm" else "is an MBM checkpoint"
     one_line_error(proc, str(ckpt), expected, "use best.safetensors or the teacher recipe's --ckpt")
     assert not out.exists()  # the run directory appears only once training starts
@@ -387,10 +387,10 @@ torch.hub.load_state_dict_from_url = _offline
 
 
 def test_an_offline_pretrained_teacher_names_the_recipes_own_flag(tmp_path):
-    proc = launch("recipes.ibkd", *TINY, "--teacher1.arch", "resnet18", "--teacher1.pretrained", "True",
-                  "--teacher1-ckpt", tmp_path / "t1.safetensors", "--out-dir", tmp_path / "runs", cwd=tmp_path,
+    proc = launch("recipes.ibkd", *TINY, "--teachers.0.arch", "resnet18", "--teachers.0.pretrained", "True",
+                  "--teachers.0.ckpt", tmp_path / "t1.safetensors", "--out-dir", tmp_path / "runs", cwd=tmp_path,
                   site=OFFLINE)
-    line = one_line_error(proc, "cannot fetch pretrained resnet18 weights", "pass `--teacher1.pretrained False`")
+    line = one_line_error(proc, "cannot fetch pretrained resnet18 weights", "pass `--teachers.0.pretrained False`")
     assert "--teacher.pretrained" not in line and "--MODEL" not in line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "t1.safetensors").exists()
 

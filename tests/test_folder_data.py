@@ -323,6 +323,6 @@ def test_models_keep_imagenet_stems_for_large_images():
 
     small = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=64), device="cpu")
     large = IBKDConfig(data=DataConfig(name="folder", root="x", image_size=96), device="cpu")
-    assert all(m.small_input for m in (setup(small)[0].student, setup(small)[0].teacher1))
+    assert all(m.small_input for m in (setup(small)[0].student, *setup(small)[0].teachers))
     fitted = setup(large)[0]
-    assert not any(m.small_input for m in (fitted.student, fitted.teacher1, fitted.teacher2))
+    assert len(fitted.teachers) == 2 and not any(m.small_input for m in (fitted.student, *fitted.teachers))

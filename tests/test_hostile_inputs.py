@@ -56,8 +56,8 @@ def fx(tmp_path_factory) -> Path:
            "--ckpt", fx / f"{name}.safetensors", "--out-dir", work / "teacher_runs")
     # A KD run, then its teacher file replaced by another teacher (same path, other bytes).
     shutil.copy(fx / "teacher_a.safetensors", fx / "swapped_teacher.safetensors")
-    ok("recipes.kd", *BASE, *STUDENT, "--epochs", "1", "--teacher.arch", "resnet8", "--teacher.pretrained", "False",
-       "--teacher-ckpt", fx / "swapped_teacher.safetensors", "--out-dir", fx / "runs", "--run-name", "kd")
+    ok("recipes.kd", *BASE, *STUDENT, "--epochs", "1", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False",
+       "--teachers.0.ckpt", fx / "swapped_teacher.safetensors", "--out-dir", fx / "runs", "--run-name", "kd")
     shutil.copy(fx / "teacher_b.safetensors", fx / "swapped_teacher.safetensors")
 
     from kd.checkpoint import load_checkpoint, save_checkpoint
@@ -91,7 +91,7 @@ def case_args(fx: Path) -> dict[str, tuple[list, int, list[str]]]:
     """name -> (launch arguments, exit code, fragments of the error line)."""
     done, kd_run = fx / "runs" / "done", fx / "runs" / "kd"
     ce = ["recipes.ce", *BASE, *STUDENT]
-    kd = ["recipes.kd", *TINY, *STUDENT, "--teacher.arch", "resnet8", "--teacher.pretrained", "False"]
+    kd = ["recipes.kd", *TINY, *STUDENT, "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False"]
     return {
         # out-of-range values: one line, exit 1
         "epochs_zero": ([*ce, "--epochs", "0"], 1, ["--epochs", "got 0"]),
@@ -146,19 +146,19 @@ def case_args(fx: Path) -> dict[str, tuple[list, int, list[str]]]:
         "resume_replaced_teacher": (["recipes.kd", "--resume", kd_run, "--epochs", "2"], 1,
                                     ["has changed since the run started", "swapped_teacher.safetensors"]),
         # teachers
-        "teacher_ckpt_is_a_folder": ([*kd, "--teacher-ckpt", fx / "ckpt_folder.safetensors"], 1, ["is a folder"]),
-        "teacher_ckpt_is_a_train_state": ([*kd, "--teacher-ckpt", done / "last.safetensors"], 1,
+        "teacher_ckpt_is_a_folder": ([*kd, "--teachers.0.ckpt", fx / "ckpt_folder.safetensors"], 1, ["is a folder"]),
+        "teacher_ckpt_is_a_train_state": ([*kd, "--teachers.0.ckpt", done / "last.safetensors"], 1,
                                           ["training-state checkpoint", "best.safetensors"]),
-        "teacher_from_another_dataset": ([*kd, "--teacher-ckpt", fx / "cifar10_teacher.safetensors"], 1,
+        "teacher_from_another_dataset": ([*kd, "--teachers.0.ckpt", fx / "cifar10_teacher.safetensors"], 1,
                                          ["fine-tuned on cifar10", "synthetic"]),
-        "teacher_ckpt_truncated": ([*kd, "--teacher-ckpt", fx / "truncated.safetensors"], 1, ["truncated or corrupt"]),
-        "teacher_ckpt_garbage_header": ([*kd, "--teacher-ckpt", fx / "garbage_header.safetensors"], 1,
+        "teacher_ckpt_truncated": ([*kd, "--teachers.0.ckpt", fx / "truncated.safetensors"], 1, ["truncated or corrupt"]),
+        "teacher_ckpt_garbage_header": ([*kd, "--teachers.0.ckpt", fx / "garbage_header.safetensors"], 1,
                                         ["exceeds the file"]),
         "teacher_ckpt_under_a_file": (["recipes.teacher", *TINY, "--teacher.arch", "resnet8", "--teacher.pretrained",
                                        "False", "--ckpt", fx / "a_file" / "t.safetensors"], 1,
                                       ["is a file, not a folder", "--ckpt"]),
-        "missing_teacher_ckpt_under_a_file": ([*kd, "--teacher-ckpt", fx / "a_file" / "t.safetensors"], 1,
-                                              ["is a file, not a folder", "--teacher-ckpt"]),
+        "missing_teacher_ckpt_under_a_file": ([*kd, "--teachers.0.ckpt", fx / "a_file" / "t.safetensors"], 1,
+                                              ["is a file, not a folder", "--teachers.0.ckpt"]),
         # the report
         "report_out_is_a_file": (["recipes.report", done, "--out", fx / "a_file"], 1, ["--out", "is a file"]),
         "report_corrupt_summary": (["recipes.report", fx / "runs" / "bad_summary", "--out", "rep"], 1,

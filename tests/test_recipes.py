@@ -94,22 +94,22 @@ def test_teacher_reuse_and_overwrite(workdir):
 
 @pytest.mark.parametrize("recipe,extra", [
     ("ce", []),
-    ("kd", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
-    ("at", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
-    ("fitnet", ["--teacher-ckpt", "ck/resnet8.safetensors"]),
-    ("ibkd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
-              "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2",
+    ("kd", ["--teachers.0.ckpt", "ck/resnet8.safetensors"]),
+    ("at", ["--teachers.0.ckpt", "ck/resnet8.safetensors"]),
+    ("fitnet", ["--teachers.0.ckpt", "ck/resnet8.safetensors"]),
+    ("ibkd", ["--teachers.0.ckpt", "ck/resnet8.safetensors", "--teachers.1.arch", "wrn_16_1",
+              "--teachers.1.pretrained", "False", "--teachers.1.ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2",
               "--stage-a.batch-size", "16", "--mbm.z-dim", "32"]),
-    ("dkd", ["--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]),
-    ("ensemble_kd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
-                     "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors"]),
-    ("camkd", ["--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1",
-               "--teacher2.pretrained", "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors"]),
+    ("dkd", ["--teachers.0.ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]),
+    ("ensemble_kd", ["--teachers.0.ckpt", "ck/resnet8.safetensors", "--teachers.1.arch", "wrn_16_1",
+                     "--teachers.1.pretrained", "False", "--teachers.1.ckpt", "ck/wrn_16_1.safetensors"]),
+    ("camkd", ["--teachers.0.ckpt", "ck/resnet8.safetensors", "--teachers.1.arch", "wrn_16_1",
+               "--teachers.1.pretrained", "False", "--teachers.1.ckpt", "ck/wrn_16_1.safetensors"]),
 ])
 def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
-    teacher = [] if recipe in ("ce", "ibkd") else ["--teacher.arch", "resnet8", "--teacher.pretrained", "False"]
+    teacher = [] if recipe in ("ce", "ibkd") else ["--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False"]
     if recipe in ("ibkd", "ensemble_kd", "camkd"):
-        teacher = ["--teacher1.arch", "resnet8", "--teacher1.pretrained", "False"]
+        teacher = ["--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False"]
     out = workdir / f"runs_{recipe}"
     proc = launch(f"recipes.{recipe}", *TINY, "--student.arch", "resnet8", *teacher, *extra, "--out-dir", str(out),
                   cwd=workdir)
@@ -128,9 +128,9 @@ def test_recipe_cli_smoke_and_golden_losses(workdir, recipe, extra):
         assert tree["params"]["regressor"]["weight"].shape == (16, 16, 1, 1)  # resnet8 stage2 (16 ch) -> resnet8 stage2
 
 
-IBKD_TINY = ["--student.arch", "resnet8", "--teacher1.arch", "resnet8", "--teacher1.pretrained", "False",
-             "--teacher1-ckpt", "ck/resnet8.safetensors", "--teacher2.arch", "wrn_16_1", "--teacher2.pretrained",
-             "False", "--teacher2-ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2", "--stage-a.batch-size",
+IBKD_TINY = ["--student.arch", "resnet8", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False",
+             "--teachers.0.ckpt", "ck/resnet8.safetensors", "--teachers.1.arch", "wrn_16_1", "--teachers.1.pretrained",
+             "False", "--teachers.1.ckpt", "ck/wrn_16_1.safetensors", "--stage-a.epochs", "2", "--stage-a.batch-size",
              "16", "--mbm.z-dim", "32"]
 
 
@@ -207,8 +207,8 @@ def test_compiled_golden_losses(workdir, recipe):
         pytest.skip("compiled two-stage IB-KD (about 70 s on 2 cores): set KD_FULL_TESTS=1 to run it")
     out = workdir / f"runs_compiled_{recipe}"
     if recipe == "dkd":
-        args = ["recipes.dkd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8", "--teacher.pretrained",
-                "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]
+        args = ["recipes.dkd", *TINY, "--student.arch", "resnet8", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained",
+                "False", "--teachers.0.ckpt", "ck/resnet8.safetensors", "--warmup-frac", "0.5"]
     elif recipe == "ensemble_kd":
         args = ["recipes.ensemble_kd", *TINY, *IBKD_TINY[:14]]
     else:
@@ -225,8 +225,8 @@ def test_shared_teacher_outputs_are_read_back_and_change_nothing(workdir):
     """--teacher-cache: the first run computes the teachers' outputs, later runs on the same batches (another
     method with the same teachers included) read them, and the losses are those of the forward in the step
     (the stored golden losses)."""
-    kd = ["recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet8", "--teacher.pretrained",
-          "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--teacher-cache", "tc"]
+    kd = ["recipes.kd", *TINY, "--student.arch", "resnet8", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained",
+          "False", "--teachers.0.ckpt", "ck/resnet8.safetensors", "--teacher-cache", "tc"]
     first = launch(*kd, "--out-dir", "runs_tc", "--run-name", "kd_first", cwd=workdir)
     assert "teachers' outputs are shared through" in first.stdout
     second = launch(*kd, "--out-dir", "runs_tc", "--run-name", "kd_second", cwd=workdir)
@@ -259,8 +259,8 @@ def test_report_over_runs(workdir):
 
 
 def test_wrong_teacher_checkpoint_is_one_clear_line(workdir):
-    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teacher.arch", "resnet20",
-                  "--teacher.pretrained", "False", "--teacher-ckpt", "ck/resnet8.safetensors", "--out-dir", "runs_bad",
+    proc = launch("recipes.kd", *TINY, "--student.arch", "resnet8", "--teachers.0.arch", "resnet20",
+                  "--teachers.0.pretrained", "False", "--teachers.0.ckpt", "ck/resnet8.safetensors", "--out-dir", "runs_bad",
                   cwd=workdir, check=False)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -270,7 +270,7 @@ def test_wrong_teacher_checkpoint_is_one_clear_line(workdir):
 def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(workdir):
     out, reports = workdir / "runs_study", workdir / "reports_study"
     args = ["recipes.study", *TINY, *IBKD_TINY, "--methods", "ce", "kd", "ibkd_avg", "--trials", "2",
-            "--seeds", "0", "1", "--single-teacher", "teacher1", "--out-dir", str(out), "--report-dir", str(reports)]
+            "--seeds", "0", "1", "--single-teacher", "0", "--out-dir", str(out), "--report-dir", str(reports)]
     launch(*args, cwd=workdir)
     names = sorted(d.name for d in out.iterdir())
     search = (reports / "study_search.md").read_text()
@@ -292,7 +292,7 @@ def test_study_searches_on_validation_then_runs_seeds_and_reuses_finished_runs(w
     # --fixed: the other kd entry without a search: its seed-0 run is reused, only its seed 1 is new
     other = "1" if chosen == "0" else "0"
     fixed = ["recipes.study", *TINY, *IBKD_TINY, "--methods", "kd", "--fixed", f"kd={other}", "--seeds", "0", "1",
-             "--single-teacher", "teacher1", "--out-dir", str(out), "--report-dir", str(reports), "--report-name", "fx"]
+             "--single-teacher", "0", "--out-dir", str(out), "--report-dir", str(reports), "--report-name", "fx"]
     launch(*fixed, cwd=workdir)
     assert sorted(d.name for d in out.iterdir()) == sorted([*names, f"kd-t{other}-s1"])
     rows = [line for line in (reports / "fx_search.md").read_text().splitlines() if line.startswith("| kd |")]

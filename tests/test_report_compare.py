@@ -27,26 +27,31 @@ def fake_teacher_ckpt(path: Path, val_acc=None) -> str:
     return str(path)
 
 
-def compare_config(**changes) -> compare.CompareConfig:
-    return dataclasses.replace(compare.CONFIG, **changes)
+def compare_config(ckpts=None, **changes) -> compare.CompareConfig:
+    """compare's defaults; ``ckpts``: the teachers' checkpoint files instead of the defaults'."""
+    cfg = dataclasses.replace(compare.CONFIG, **changes)
+    if ckpts is not None:
+        cfg = dataclasses.replace(cfg, teachers=tuple(dataclasses.replace(spec, ckpt=ckpt)
+                                                      for spec, ckpt in zip(cfg.teachers, ckpts)))
+    return cfg
 
 
-@pytest.mark.parametrize("acc1,acc2,picked", [(40.0, 55.5, "teacher2"), (61.0, 55.5, "teacher1"),
-                                              (50.0, 50.0, "teacher1")])
+@pytest.mark.parametrize("acc1,acc2,picked", [(40.0, 55.5, 1), (61.0, 55.5, 0), (50.0, 50.0, 0)])
 def test_stronger_single_teacher_is_picked_by_validation_accuracy(tmp_path, acc1, acc2, picked):
-    cfg = compare_config(teacher1_ckpt=fake_teacher_ckpt(tmp_path / "t1.safetensors", acc1),
-                         teacher2_ckpt=fake_teacher_ckpt(tmp_path / "t2.safetensors", acc2))
-    assert cfg.single_teacher == "stronger"  # the default
-    want = (cfg.teacher1, cfg.teacher1_ckpt) if picked == "teacher1" else (cfg.teacher2, cfg.teacher2_ckpt)
-    assert compare.pick_single_teacher(cfg) == want
+    cfg = compare_config((fake_teacher_ckpt(tmp_path / "t1.safetensors", acc1),
+                          fake_teacher_ckpt(tmp_path / "t2.safetensors", acc2)))
+    assert cfg.single_teacher == -1  # the default: the stronger
+    assert compare.pick_single_teacher(cfg) == cfg.teachers[picked]
+    assert cfg.teachers[0] != cfg.teachers[1]
     # an explicit choice overrides the accuracies
-    assert compare.pick_single_teacher(dataclasses.replace(cfg, single_teacher="teacher2")) == (
-        cfg.teacher2, cfg.teacher2_ckpt)
+    assert compare.pick_single_teacher(dataclasses.replace(cfg, single_teacher=1)) == cfg.teachers[1]
+    with pytest.raises(ConfigError, match="--single-teacher must be -1"):
+        dataclasses.replace(cfg, single_teacher=2)
 
 
 def test_stronger_without_recorded_accuracy_is_a_clear_error(tmp_path):
-    cfg = compare_config(teacher1_ckpt=fake_teacher_ckpt(tmp_path / "t1.safetensors", 40.0),
-                         teacher2_ckpt=fake_teacher_ckpt(tmp_path / "t2.safetensors"))
+    cfg = compare_config((fake_teacher_ckpt(tmp_path / "t1.safetensors", 40.0),
+                          fake_teacher_ckpt(tmp_path / "t2.safetensors")))
     with pytest.raises(ConfigError, match="val_acc"):
         compare.pick_single_teacher(cfg)
 
@@ -99,14 +104,12 @@ def test_an_ablation_that_changes_nothing_is_an_error(method):
 
 def test_baselines_share_data_budget_student_and_teachers():
     cfg = compare_config(epochs=3, seeds=(4,))
-    single = (cfg.teacher2, "t2.safetensors")
+    single = dataclasses.replace(cfg.teachers[1], ckpt="t2.safetensors")
     dkd = compare.method_config(cfg, "dkd", 4, single)
-    assert (dkd.teacher, dkd.teacher_ckpt, dkd.epochs, dkd.seed, dkd.data, dkd.student) == (
-        cfg.teacher2, "t2.safetensors", 3, 4, cfg.data, cfg.student)
+    assert (dkd.teachers, dkd.epochs, dkd.seed, dkd.data, dkd.student) == ((single,), 3, 4, cfg.data, cfg.student)
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (1.0, 8.0, 4.0)  # the recipe's own defaults stay
     ens = compare.method_config(cfg, "ensemble_kd", 4, single)
-    assert (ens.teacher1, ens.teacher1_ckpt, ens.teacher2, ens.teacher2_ckpt) == (
-        cfg.teacher1, cfg.teacher1_ckpt, cfg.teacher2, cfg.teacher2_ckpt)
+    assert ens.teachers == cfg.teachers and len(ens.teachers) == 2
     assert set(compare.CONFIG.methods) == {"ce", "kd", "at", "fitnet", "ibkd", "dkd", "ensemble_kd", "camkd"}
     no_ema = compare_config(epochs=3, seeds=(4,), ema=False)  # --ema False reaches every method, CE included
     assert all(not compare.method_config(no_ema, m, 4, single).ema for m in ("ce", "kd", "camkd", "ibkd"))
@@ -130,13 +133,13 @@ def test_compare_runs_each_method_under_its_own_name(tmp_path, monkeypatch):
     reported = []
     monkeypatch.setattr(compare.report, "run", lambda cfg: reported.append(cfg) or [])
     cfg = compare_config(methods=("dkd", "ensemble_kd", "ibkd_nolatent", "ibkd_vib"), seeds=(0, 1),
-                         teacher1_ckpt=fake_teacher_ckpt(tmp_path / "t1.safetensors", 30.0),
-                         teacher2_ckpt=fake_teacher_ckpt(tmp_path / "t2.safetensors", 60.0))
+                         ckpts=(fake_teacher_ckpt(tmp_path / "t1.safetensors", 30.0),
+                                fake_teacher_ckpt(tmp_path / "t2.safetensors", 60.0)))
     compare.run(cfg)
     assert [(m, r, c.seed) for m, r, c in calls] == [
         ("dkd", "dkd", 0), ("ensemble_kd", "ensemble_kd", 0), ("ibkd", "ibkd_nolatent", 0), ("ibkd", "ibkd_vib", 0),
         ("dkd", "dkd", 1), ("ensemble_kd", "ensemble_kd", 1), ("ibkd", "ibkd_nolatent", 1), ("ibkd", "ibkd_vib", 1)]
-    assert calls[0][2].teacher_ckpt == cfg.teacher2_ckpt  # the stronger one
+    assert calls[0][2].teachers == (cfg.teachers[1],)  # the stronger one
     assert calls[2][2].stage_b.latent_alpha == 0.0 and calls[3][2].mbm.kind == "vib"
     assert reported[0].runs[:4] == ("runs/dkd-0", "runs/ensemble_kd-0", "runs/ibkd_nolatent-0", "runs/ibkd_vib-0")
 
@@ -150,15 +153,15 @@ def test_compare_cli_stronger_teacher_and_ablation_names(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "recipes.compare", *tiny, "--methods", "dkd", "ibkd_nolatent",
-         "--seeds", "0", "--student.arch", "resnet8", "--teacher1.arch", "resnet8", "--teacher1.pretrained", "False",
-         "--teacher1-ckpt", "ck/t1.safetensors", "--teacher2.arch", "wrn_16_1", "--teacher2.pretrained", "False",
-         "--teacher2-ckpt", "ck/t2.safetensors", "--teacher-epochs", "1", "--stage-a.epochs", "1",
+         "--seeds", "0", "--student.arch", "resnet8", "--teachers.0.arch", "resnet8", "--teachers.0.pretrained", "False",
+         "--teachers.0.ckpt", "ck/t1.safetensors", "--teachers.1.arch", "wrn_16_1", "--teachers.1.pretrained", "False",
+         "--teachers.1.ckpt", "ck/t2.safetensors", "--teacher-epochs", "1", "--stage-a.epochs", "1",
          "--stage-a.batch-size", "16", "--mbm.z-dim", "16", "--out-dir", "runs", "--report-dir", "rep"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     accs = {name: float(read_metadata(tmp_path / "ck" / f"{name}.safetensors")["val_acc"]) for name in ("t1", "t2")}
     stronger = "resnet8" if accs["t1"] >= accs["t2"] else "wrn_16_1"
-    assert f"distil from the stronger teacher: {'teacher1' if stronger == 'resnet8' else 'teacher2'}" in proc.stdout
+    assert f"distil from the stronger teacher: --teachers.{0 if stronger == 'resnet8' else 1} {stronger}" in proc.stdout
     runs = {d.name.split("-")[0]: d for d in (tmp_path / "runs").iterdir() if d.name.startswith(("dkd-", "ibkd"))}
     assert set(runs) == {"dkd", "ibkd_nolatent"}
     summaries = {k: json.loads((d / "summary.json").read_text()) for k, d in runs.items()}

@@ -21,9 +21,8 @@ def _config(tmp_path, name):
         out_dir=str(tmp_path), run_name=name, log_every=1)
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    ce.run(_config(tmp_path, "straight"))
-
+def interrupted_after_epoch_one(monkeypatch, run) -> None:
+    """``run()`` stopped as if the machine went away right after epoch 1's checkpoint."""
     original_save = kd.loop.save_train_state
     saves = {"n": 0}
 
@@ -31,11 +30,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         original_save(*args, **kwargs)
         saves["n"] += 1
         if saves["n"] == 1:
-            raise KeyboardInterrupt  # as if the machine went away after epoch 1's checkpoint
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(kd.loop, "save_train_state", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        ce.run(_config(tmp_path, "interrupted"))
+    with monkeypatch.context() as patch:
+        patch.setattr(kd.loop, "save_train_state", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    ce.run(_config(tmp_path, "straight"))
+    interrupted_after_epoch_one(monkeypatch, lambda: ce.run(_config(tmp_path, "interrupted")))
     torch.manual_seed(12345)  # the resumed process starts with a different RNG state
     # As on the command line: flags apply over the run's saved config (here: none that differ from it).
     ce.main(["--resume", str(tmp_path / "interrupted"), "--disable-tqdm", "True"])
@@ -83,3 +88,68 @@ def test_a_run_saved_before_a_recipe_field_was_added_still_resumes(tmp_path):
     (tmp_path / "ce" / "config.json").write_text(json.dumps({**to_dict(ce.CONFIG), "recipe": "ce"}))
     with pytest.raises(ConfigError, match="recipes.ce"):
         load_run_config(kd_recipe.KDConfig, tmp_path / "ce")
+
+
+def _old_format(data: dict) -> dict:
+    """A config saved before the teachers became one list: ``teacher`` + ``teacher_ckpt`` for one teacher,
+    ``teacher1`` + ``teacher1_ckpt``, ``teacher2`` + ``teacher2_ckpt`` for two."""
+    data = dict(data)
+    teachers = data.pop("teachers")
+    names = ["teacher"] if len(teachers) == 1 else [f"teacher{i + 1}" for i in range(len(teachers))]
+    for name, spec in zip(names, teachers):
+        spec = dict(spec)
+        data[f"{name}_ckpt"] = spec.pop("ckpt")
+        data[name] = spec
+    return data
+
+
+def test_a_run_saved_with_separate_teacher_fields_still_loads(tmp_path):
+    """config.json of the earlier versions (teacher / teacher1 / teacher2 and their _ckpt fields): resume and
+    --config read it as the one teachers list, in order."""
+    import json
+
+    from kd.config import apply_config_file, load_run_config, to_dict
+    from recipes import ensemble_kd, ibkd, kd as kd_recipe
+
+    for name, recipe, cls in (("kd", kd_recipe, kd_recipe.KDConfig), ("ibkd", ibkd, ibkd.IBKDConfig),
+                              ("ensemble_kd", ensemble_kd, ensemble_kd.EnsembleKDConfig)):
+        cfg = dataclasses.replace(recipe.CONFIG, teachers=tuple(
+            dataclasses.replace(spec, arch=f"resnet{8 + 12 * i}", ckpt=f"ck/t{i}.safetensors")
+            for i, spec in enumerate(recipe.CONFIG.teachers)))
+        old = _old_format({**to_dict(cfg), "recipe": name})
+        assert "teachers" not in old and ("teacher_ckpt" in old or "teacher2_ckpt" in old)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(old))
+        assert load_run_config(cls, tmp_path / name) == cfg
+        assert apply_config_file(recipe.CONFIG, tmp_path / name / "config.json") == cfg
+
+
+def test_an_interrupted_run_saved_with_separate_teacher_fields_resumes_exactly(tmp_path, monkeypatch):
+    """A KD run stopped after epoch 1 whose config.json has the earlier format finishes under --resume exactly
+    as an uninterrupted run does (its recorded teacher hash, under the teacher's unchanged name, still matches)."""
+    import json
+
+    from kd.checkpoint import save_weights
+    from kd.modeling import build_net
+    from kd.teachers import TeacherSpec
+    from recipes import kd as kd_recipe
+
+    net = build_net(ModelConfig(arch="resnet8"), 10, torch.device("cpu"), seed=7)
+    ckpt = tmp_path / "teacher.safetensors"
+    save_weights(ckpt, {"teacher": net.params}, {"teacher": net.buffers},
+                 {"arch": "resnet8", "num_classes": 10, "dataset": "synthetic", "val_acc": 10.0})
+    base = _config(tmp_path, "straight")
+    cfg = kd_recipe.KDConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                                if f.name not in ("label_smoothing",)},
+                             teachers=(TeacherSpec(arch="resnet8", pretrained=False, ckpt=str(ckpt)),))
+    kd_recipe.run(cfg)
+    interrupted_after_epoch_one(monkeypatch, lambda: kd_recipe.run(dataclasses.replace(cfg, run_name="interrupted")))
+    path = tmp_path / "interrupted" / "config.json"
+    path.write_text(json.dumps(_old_format(json.loads(path.read_text()))))
+    kd_recipe.main(["--resume", str(tmp_path / "interrupted"), "--disable-tqdm", "True"])
+
+    straight = T.flatten(load_checkpoint(tmp_path / "straight" / "last.safetensors")[0]["state"])
+    resumed = T.flatten(load_checkpoint(tmp_path / "interrupted" / "last.safetensors")[0]["state"])
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

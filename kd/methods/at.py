@@ -9,7 +9,7 @@ import kernels
 from ..errors import ConfigError
 from ..models import STAGES, feature_shapes
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
+from .base import ONE_TEACHER, DistillConfig, Loss, Method, forward_pair
 
 
 @dataclass(frozen=True)
@@ -46,4 +46,4 @@ def make_loss(cfg: ATConfig, student, teachers, device, total_steps):
     return Loss(loss_fn)
 
 
-METHOD = Method("at", one_teacher, make_loss, maps=True)
+METHOD = Method("at", make_loss, ONE_TEACHER, maps=True)

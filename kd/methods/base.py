@@ -11,10 +11,11 @@ import torch
 
 from ..config import ModelConfig
 from ..data import DataConfig
+from ..errors import ConfigError
 from ..modeling import Net
 from ..optim import OptimConfig
 from ..step import AmpConfig, apply_model, frozen_teacher
-from ..teachers import FrozenTeachersConfig, TwoTeachersConfig
+from ..teachers import SPEC_TEACHERS, FrozenTeachersConfig, TeacherSpec
 
 # make_loss(cfg, student, teachers, device, total_steps) -> Loss: the one signature of every method.
 MakeLoss = Callable[[Any, Net, dict[str, Net], torch.device, int], "Loss"]
@@ -54,17 +55,20 @@ class Stages(Protocol):
         after this point, so its result is inside ``state`` and only its numbers are read back."""
 
 
+# How many teachers a method takes from ``cfg.teachers``: (at least, at most; None = any number).
+NO_TEACHERS, ONE_TEACHER, TWO_TEACHERS, TWO_OR_MORE = (0, 0), (1, 1), (2, 2), (2, None)
+
+
 @dataclass(frozen=True)
 class Method:
     """One distillation method: what :func:`kd.train.distill` needs to run it."""
 
     name: str
     """The registry name (recipes.compare's --methods, the summary's method)."""
-    teachers: Callable[[Any], dict[str, tuple[ModelConfig, str]]]
-    """``cfg -> {name: (teacher model, checkpoint)}``: the frozen teachers, under the names the loss reads
-    them by (``frozen[name]``); empty for a method without teachers."""
     make_loss: MakeLoss
     """The loss, with its trainable heads (a FitNet regressor), built once before training."""
+    teachers: tuple[int, int | None] = NO_TEACHERS
+    """How many frozen teachers of ``cfg.teachers`` it takes: (at least, at most; None = any number)."""
     maps: bool | Callable[[Any], bool] = False
     """The loss reads the teachers' feature maps (or ``cfg -> whether it does``), so shared teacher outputs
     (logits and pooled features only, see kd.teacher_outputs) cannot replace their forward."""
@@ -74,39 +78,29 @@ class Method:
     def reads_maps(self, cfg: Any) -> bool:
         return self.maps(cfg) if callable(self.maps) else self.maps
 
-
-def no_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
-    return {}
-
-
-def one_teacher(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
-    return {"teacher": (cfg.teacher, cfg.teacher_ckpt)}
-
-
-def two_teachers(cfg: Any) -> dict[str, tuple[ModelConfig, str]]:
-    return {"teacher1": (cfg.teacher1, cfg.teacher1_ckpt), "teacher2": (cfg.teacher2, cfg.teacher2_ckpt)}
+    def teacher_specs(self, cfg: Any) -> dict[str, TeacherSpec]:
+        """``{name: spec}`` of the frozen teachers, under the names the loss reads them by (``frozen[name]``):
+        ``teacher`` for a one-teacher method, ``teacher1``, ``teacher2``, ... otherwise. A count outside the
+        method's is one :class:`ConfigError`."""
+        specs = tuple(getattr(cfg, "teachers", ()))
+        low, high = self.teachers
+        if len(specs) < low or (high is not None and len(specs) > high):
+            wanted = f"{low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ConfigError(f"recipes.{self.name} distils from {wanted} teacher{'s' * (wanted != '1')}, "
+                              f"--teachers lists {len(specs)}")
+        if high == 1:
+            return {"teacher": specs[0]}
+        return {f"teacher{i + 1}": spec for i, spec in enumerate(specs)}
 
 
 @dataclass(frozen=True)
 class DistillConfig(FrozenTeachersConfig):
-    """A student distilled from one fine-tuned teacher."""
+    """A student distilled from fine-tuned teachers by a fixed rule (one teacher by default; the multi-teacher
+    methods' recipes default to SPEC's two)."""
 
-    teacher: ModelConfig = ModelConfig(arch="resnet152", pretrained=True)
-    """The teacher network (its weights come from --teacher-ckpt)."""
-    teacher_ckpt: str = "checkpoints/resnet152_ft.safetensors"
-    """Fine-tuned teacher weights (recipes.teacher output); fine-tuned first when missing."""
-    label_smoothing: float = 0.0
-    """Label smoothing of the student's cross-entropy."""
-    grad_clip_norm: float = 0.0
-    """Global gradient-norm clipping threshold (0 = off)."""
-    ema: bool = True
-    """Keep an EMA of the student (and its BN statistics), reported beside the raw weights."""
-
-
-@dataclass(frozen=True)
-class TwoTeacherConfig(TwoTeachersConfig):
-    """A student distilled from IB-KD's two fine-tuned teachers by a fixed rule (no learned fusion)."""
-
+    teachers: tuple[TeacherSpec, ...] = SPEC_TEACHERS[:1]
+    """The frozen teachers in order: --teachers.0.arch / --teachers.0.ckpt, ... (the weights come from ckpt;
+    pretrained only matters for fine-tuning a missing one)."""
     label_smoothing: float = 0.0
     """Label smoothing of the student's cross-entropy."""
     grad_clip_norm: float = 0.0
@@ -129,8 +123,9 @@ def cifar_table(cfg: DistillConfig, *, lr: float = 0.05) -> DistillConfig:
     """The peer-table variant of a baseline: resnet32x4 -> resnet8x4 with the table's optimizer and data."""
     return dataclasses.replace(
         cfg, data=CIFAR_TABLE_DATA, optim=dataclasses.replace(CIFAR_TABLE_OPTIM, lr=lr), epochs=240,
-        student=ModelConfig(arch="resnet8x4"), teacher=ModelConfig(arch="resnet32x4", pretrained=False),
-        teacher_ckpt="checkpoints/resnet32x4_ft.safetensors", label_smoothing=0.0, amp=AmpConfig())
+        student=ModelConfig(arch="resnet8x4"),
+        teachers=(TeacherSpec(arch="resnet32x4", pretrained=False, ckpt="checkpoints/resnet32x4_ft.safetensors"),),
+        label_smoothing=0.0, amp=AmpConfig())
 
 
 def forward_pair(student: Net, teacher: Net, params: dict, buffers: dict, frozen: dict, batch: dict, *,

@@ -20,12 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..step import apply_model, mixed_cross_entropy
-from .base import Loss, Method, TwoTeacherConfig, frozen_teacher_logits, two_teachers
+from ..teachers import SPEC_TEACHERS, TeacherSpec
+from .base import TWO_OR_MORE, DistillConfig, Loss, Method, frozen_teacher_logits
 
 
 @dataclass(frozen=True)
-class CAMKDConfig(TwoTeacherConfig):
-    """Confidence-aware multi-teacher KD (logit part)."""
+class CAMKDConfig(DistillConfig):
+    """Confidence-aware multi-teacher KD (logit part; two teachers by default, any number from two)."""
+
+    teachers: tuple[TeacherSpec, ...] = SPEC_TEACHERS
+    """The frozen teachers in order: --teachers.0.arch / --teachers.0.ckpt, --teachers.1.arch, ..."""
 
     temperature: float = 4.0
     """Softmax temperature T of the KL terms (each scaled by T^2)."""
@@ -73,4 +77,4 @@ def make_loss(cfg: CAMKDConfig, student, teachers, device, total_steps: int) -> 
     return Loss(loss_fn)
 
 
-METHOD = Method("camkd", two_teachers, make_loss)
+METHOD = Method("camkd", make_loss, TWO_OR_MORE)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig, RunConfig
 from ..step import apply_model, mixed_cross_entropy
-from .base import Loss, Method, no_teachers
+from .base import Loss, Method
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,6 @@ def classifier(part: str):
     return make_loss
 
 
-METHOD = Method("ce", no_teachers, classifier("student"))
+METHOD = Method("ce", classifier("student"))
 # Teacher fine-tuning (SPEC 5, kd.teachers.fine_tune) is this method on the teacher network (cfg.teacher).
-FINE_TUNING = Method("teacher", no_teachers, classifier("teacher"), part="teacher")
+FINE_TUNING = Method("teacher", classifier("teacher"), part="teacher")

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..optim import progress, ramp
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
+from .base import ONE_TEACHER, DistillConfig, Loss, Method, forward_pair
 
 
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: Tensor | float
@@ -103,4 +103,4 @@ def make_loss(cfg: DKDConfig, student, teachers, device, total_steps: int):
     return Loss(loss_fn)
 
 
-METHOD = Method("dkd", one_teacher, make_loss)
+METHOD = Method("dkd", make_loss, ONE_TEACHER)

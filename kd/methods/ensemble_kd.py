@@ -13,7 +13,8 @@ from torch import Tensor
 
 from kernels.reference import distillation_kl
 from ..step import apply_model, mixed_cross_entropy
-from .base import Loss, Method, TwoTeacherConfig, frozen_teacher_logits, two_teachers
+from ..teachers import SPEC_TEACHERS, TeacherSpec
+from .base import TWO_OR_MORE, DistillConfig, Loss, Method, frozen_teacher_logits
 
 
 def ensemble_kd(student_logits: Tensor, teacher_logits: list[Tensor] | tuple[Tensor, ...],
@@ -29,8 +30,11 @@ def ensemble_kd(student_logits: Tensor, teacher_logits: list[Tensor] | tuple[Ten
 
 
 @dataclass(frozen=True)
-class EnsembleKDConfig(TwoTeacherConfig):
-    """Hinton knowledge distillation from the average of two teachers."""
+class EnsembleKDConfig(DistillConfig):
+    """Hinton knowledge distillation from the average of the teachers (two by default, any number from two)."""
+
+    teachers: tuple[TeacherSpec, ...] = SPEC_TEACHERS
+    """The frozen teachers in order: --teachers.0.arch / --teachers.0.ckpt, --teachers.1.arch, ..."""
 
     temperature: float = 4.0
     """Softmax temperature T of the teachers' probabilities and of the KL term (scaled by T^2)."""
@@ -50,4 +54,4 @@ def make_loss(cfg: EnsembleKDConfig, student, teachers, device, total_steps: int
     return Loss(loss_fn)
 
 
-METHOD = Method("ensemble_kd", two_teachers, make_loss)
+METHOD = Method("ensemble_kd", make_loss, TWO_OR_MORE)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..losses import pool_to
 from ..models import feature_shapes
 from ..step import call_stateless, mixed_cross_entropy
-from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
+from .base import ONE_TEACHER, DistillConfig, Loss, Method, forward_pair
 
 
 def fitnet_hint(regressed_student: Tensor, teacher_map: Tensor) -> Tensor:
@@ -59,4 +59,4 @@ def make_loss(cfg: FitNetConfig, student, teachers, device, total_steps):
                 buffers={"regressor": {}})
 
 
-METHOD = Method("fitnet", one_teacher, make_loss, maps=True)
+METHOD = Method("fitnet", make_loss, ONE_TEACHER, maps=True)

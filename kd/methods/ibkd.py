@@ -54,8 +54,8 @@ from ..rundir import say
 from ..stage_a import FeatureCache, accuracy, add_student, build_cache, cached_batches
 from ..step import apply_model, call_stateless, compile_step, frozen_teacher, init_state, make_train_step
 from ..supervised import constant
-from ..teachers import TwoTeachersConfig
-from .base import Loss, Method, two_teachers
+from ..teachers import FrozenTeachersConfig
+from .base import TWO_TEACHERS, Loss, Method
 
 LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
 
@@ -150,7 +150,7 @@ class StageBConfig:
 
 
 @dataclass(frozen=True)
-class IBKDConfig(TwoTeachersConfig):
+class IBKDConfig(FrozenTeachersConfig):
     """Multi-teacher IB-KD (SPEC 6)."""
 
     mbm: MBMConfig = field(default_factory=MBMConfig)
@@ -608,4 +608,4 @@ def make_loss(cfg: IBKDConfig, student: Net, teachers: dict[str, Net], device: t
                 stages=IBKDStages(cfg, student, pair, mbm_train, mbm_eval, device))
 
 
-METHOD = Method("ibkd", two_teachers, make_loss, maps=lambda cfg: cfg.stage_b.gamma > 0)
+METHOD = Method("ibkd", make_loss, TWO_TEACHERS, maps=lambda cfg: cfg.stage_b.gamma > 0)

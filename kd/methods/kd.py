@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..losses import hinton_kd
 from ..step import mixed_cross_entropy
-from .base import DistillConfig, Loss, Method, forward_pair, one_teacher
+from .base import ONE_TEACHER, DistillConfig, Loss, Method, forward_pair
 
 
 @dataclass(frozen=True)
@@ -31,4 +31,4 @@ def make_loss(cfg: KDConfig, student, teachers, device, total_steps):
     return Loss(loss_fn)
 
 
-METHOD = Method("kd", one_teacher, make_loss)
+METHOD = Method("kd", make_loss, ONE_TEACHER)
