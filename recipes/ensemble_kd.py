@@ -1,6 +1,7 @@
-"""Ensemble KD: Hinton KD towards both teachers' averaged probabilities, (1-a)*CE + a*T^2*KL(mean_i p_i || student).
+"""Ensemble KD: Hinton KD towards the teachers' averaged probabilities, (1-a)*CE + a*T^2*KL(mean_i p_i || student).
 
-The fixed-rule fusion of IB-KD's two teachers (T 4, a 0.9, as recipes.kd): the baseline the MBM has to beat.
+The fixed-rule fusion of IB-KD's two teachers by default (any number from two; T 4, a 0.9, as recipes.kd): the
+baseline the MBM has to beat.
 """
 
 from __future__ import annotations
