@@ -151,8 +151,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)} "
-                          f"for {cls.__name__}")
+        head, sep, path = where.rpartition(": ")  # "--config FILE: teachers.0." -> the file, then the field path
+        raise ConfigError(f"{head}{sep}unknown field{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(path + k for k in unknown)} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     return cls(**{name: _checked(hints[name], value, where + name) for name, value in data.items()})
 

@@ -4,6 +4,7 @@ runs with more teachers than SPEC's two."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -88,3 +89,16 @@ def test_ensemble_kd_distils_from_three_teachers_given_in_a_config_file(tmp_path
     with pytest.raises(ConfigError, match="from 2 teachers, --teachers lists 3"):
         ibkd.run(dataclasses.replace(ibkd.CONFIG, teachers=cfg.teachers, device="cpu", out_dir=str(tmp_path / "no")))
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("teachers,message", [
+    ([{"arch": 5, "ckpt": "a.safetensors"}], "teachers.0.arch is 5, expected str"),
+    ("x", "teachers is 'x', expected tuple"),
+    ([{"arch": "resnet8", "ckpt": "a.safetensors", "bogus": 1}], "unknown field teachers.0.bogus for TeacherSpec"),
+    ([{"arch": "resnet8", "ckpt": ""}], "--teachers.0.ckpt must name"),
+])
+def test_a_bad_teacher_list_in_a_config_file_is_one_line_naming_the_entry(tmp_path, teachers, message):
+    (tmp_path / "c.json").write_text(json.dumps({"teachers": teachers}))
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        parse(ibkd.CONFIG, ["--config", str(tmp_path / "c.json")], prog="p", description="")
+    assert "\n" not in str(raised.value)
