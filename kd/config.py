@@ -295,11 +295,11 @@ def load_run_config(cls: type, run_dir: str | Path) -> Any:
         raise ConfigError(f"cannot resume: {path} is unreadable ({str(exc).splitlines()[0]})") from None
     recipe = data.pop("recipe", "?")
     data = upgrade_saved(data)
-    # The recipe's own fields must match; the shared RunConfig fields may have grown since (defaults apply),
-    # and so may the recipe fields of ADDED_FIELDS (a run saved before they existed lacks them).
-    shared = {f.name for f in dataclasses.fields(RunConfig)}
-    own = {f.name for f in dataclasses.fields(cls)} - shared
-    saved_own = set(data) - shared
+    # The recipe's own fields must match; RunConfig's fields (every recipe has them) may have grown since
+    # (defaults apply), and so may the recipe fields of ADDED_FIELDS (a run saved before they existed lacks them).
+    common = {f.name for f in dataclasses.fields(RunConfig)}
+    own = {f.name for f in dataclasses.fields(cls)} - common
+    saved_own = set(data) - common
     if saved_own != own and not (saved_own <= own and own - saved_own <= ADDED_FIELDS):
         raise ConfigError(f"cannot resume: {run_dir} is a run of recipes.{recipe}, whose config differs from this "
                           f"recipe's: resume it with python launch.py recipes.{recipe} --resume {run_dir}")

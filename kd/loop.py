@@ -22,7 +22,7 @@ from .config import RunConfig, to_dict
 from .data import Dataset, Splits, eval_batches, steps_per_epoch, train_batches
 from .distributed import barrier, sum_across_ranks, world
 from .errors import NonFiniteLossError
-from .rundir import Run, progress, say
+from .rundir import Run, progress_bar, say
 from .step import accuracy_counts, read_metrics
 
 
@@ -128,7 +128,7 @@ def train_loop(cfg: RunConfig, run: Run, *, state: T.Tree, train_step: Callable,
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         n_images = 0
-        bar = progress(make_batches(epoch), total=steps, desc=f"{tag or 'train'} {epoch + 1}/{epochs}",
+        bar = progress_bar(make_batches(epoch), total=steps, desc=f"{tag or 'train'} {epoch + 1}/{epochs}",
                        disable=cfg.disable_tqdm)
         last: dict[str, float] = {}
         for i, batch in enumerate(bar):

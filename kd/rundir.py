@@ -84,9 +84,9 @@ class Run:
             root = Path(cfg.out_dir) / f"{name}-{suffix}"
         if world().size > 1:  # every rank uses rank 0's name (the clocks may straddle a second)
             import torch.distributed as dist
-            shared = [str(root)]
-            dist.broadcast_object_list(shared, src=0)
-            root = Path(shared[0])
+            names = [str(root)]
+            dist.broadcast_object_list(names, src=0)
+            root = Path(names[0])
         return cls(root, {"recipe": recipe, **to_dict(cfg)}, named=bool(cfg.run_name),
                    tensorboard=cfg.log.tensorboard, warning=short_warmup_warning(cfg))
 
@@ -243,7 +243,7 @@ def tensorboard_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float, in
         yield (key if key.startswith(f"{group}/") else f"{group}/{key}"), float(value), step
 
 
-def progress(iterable, *, total: int, desc: str, disable: bool):
+def progress_bar(iterable, *, total: int, desc: str, disable: bool):
     """A tqdm bar unless disabled or stdout is not a terminal."""
     return tqdm(iterable, total=total, desc=desc, disable=disable or not sys.stdout.isatty(),
                 leave=False, dynamic_ncols=True)
