@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,24 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+_INTERRUPT = {"count": 0, "said": False}
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """The first Ctrl-C unwinds the run (a KeyboardInterrupt: main prints which run to resume and exits 130).
+    A second one, while that cleanup or the interpreter's shutdown still runs (seconds on a loaded machine),
+    ends the process at once with the same line and status instead of a traceback: checkpoints are written
+    atomically, so nothing finished is lost."""
+    _INTERRUPT["count"] += 1
+    if _INTERRUPT["count"] == 1:
+        raise KeyboardInterrupt
+    if not _INTERRUPT["said"]:
+        from kd.rundir import interrupted_advice
+
+        print(f"interrupted: {interrupted_advice()}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "list"):
@@ -83,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     from kd.errors import ENVIRONMENT_ERRNOS, ConfigError, KDError, describe_os_error
     from kd.rundir import interrupted_advice
 
+    # The process's own Ctrl-C (not when a test calls main() in its process), unless the process was started
+    # with SIGINT ignored (nohup, a background job of a script): that stays as the shell meant it.
+    if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return int(module.main(rest, prog=f"launch.py {name}") or 0)
     except KDError as exc:
@@ -103,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(describe_os_error(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: {interrupted_advice()}", file=sys.stderr)
+        print(f"interrupted: {interrupted_advice()}", file=sys.stderr, flush=True)
+        _INTERRUPT["said"] = True
         return 130
     finally:
         distributed.shutdown()  # leave a torchrun process group cleanly (no-op otherwise)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Only the interpreter's shutdown is left (its last phase resets Python-level signal handlers, so a Ctrl-C
+    # there would end the process by the signal, status -2): the status is decided, a late Ctrl-C changes nothing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

@@ -339,6 +339,36 @@ def test_requires_fashion_mnist_skips_with_the_reason(monkeypatch, tmp_path):
 
 # 8. Ctrl-C, the warm-up warning, a flag named as the recipe names it.
 
+def ctrl_c_reaches_the_child() -> None:
+    """In the child before exec: SIGINT at its default, as in a terminal. A test suite started as a background
+    job of a script (``bash .ci/run &``) runs with SIGINT ignored, which every child would inherit (and keep:
+    see the next tests), so a Ctrl-C test would test nothing there."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """nohup, or a script's background job: the shell starts the run with SIGINT ignored, so that a Ctrl-C in
+    the terminal does not reach it; the run keeps it that way (and ends by its own epochs)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
+                             "--epochs", "3", "--out-dir", str(tmp_path), "--run-name", "bg"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    last = tmp_path / "bg" / "last.safetensors"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "bg" / "summary.json").is_file() and "interrupted" not in stderr
+
+
 def test_ctrl_c_names_the_run_directory_and_the_command_that_continues_it(tmp_path):
     import signal
     import time
@@ -346,7 +376,8 @@ def test_ctrl_c_names_the_run_directory_and_the_command_that_continues_it(tmp_pa
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
                              "--epochs", "500", "--out-dir", str(tmp_path), "--run-name", "long"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_the_child)
     last = tmp_path / "long" / "last.safetensors"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -367,6 +398,33 @@ def test_ctrl_c_names_the_run_directory_and_the_command_that_continues_it(tmp_pa
     assert "Traceback" not in stderr
     assert stderr.strip() == (f"interrupted: the last finished epoch's checkpoint is in {tmp_path / 'long'}; continue "
                               f"with: python launch.py recipes.ce --resume {tmp_path / 'long'}")
+
+
+def test_a_second_ctrl_c_during_the_cleanup_ends_with_the_same_line_and_status(tmp_path):
+    """Ctrl-C twice in a row (the second while the first one's cleanup or the interpreter's shutdown runs):
+    exit 130 and the one line, never a traceback or death by signal (-2), the checkpoint intact."""
+    import signal
+    import time
+
+    from kd.checkpoint import load_checkpoint
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
+                             "--epochs", "500", "--out-dir", str(tmp_path), "--run-name", "twice"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_the_child)
+    last = tmp_path / "twice" / "last.safetensors"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    for pause in (0.05, 0.5, 1.0):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(pause)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip() == (f"interrupted: the last finished epoch's checkpoint is in {tmp_path / 'twice'}; "
+                              f"continue with: python launch.py recipes.ce --resume {tmp_path / 'twice'}")
+    assert int(load_checkpoint(last)[1]["epoch"]) >= 1
 
 
 def test_a_warmup_longer_than_the_run_is_warned_in_one_line(tmp_path):
