@@ -348,21 +348,29 @@ def ctrl_c_reaches_the_child() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
-    """nohup, or a script's background job: the shell starts the run with SIGINT ignored, so that a Ctrl-C in
-    the terminal does not reach it; the run keeps it that way (and ends by its own epochs)."""
-    import signal
+def start_ce_run(tmp_path, name: str, epochs: int, preexec_fn=ctrl_c_reaches_the_child):
+    """A tiny recipes.ce run in a child process, returned once its first epoch's checkpoint exists (or the
+    child ended, or 240 s passed): ``(proc, run_dir / "last.safetensors")``."""
     import time
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
-                             "--epochs", "3", "--out-dir", str(tmp_path), "--run-name", "bg"],
+                             "--epochs", str(epochs), "--out-dir", str(tmp_path), "--run-name", name],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    last = tmp_path / "bg" / "last.safetensors"
+                            preexec_fn=preexec_fn)
+    last = tmp_path / name / "last.safetensors"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    return proc, last
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """nohup, or a script's background job: the shell starts the run with SIGINT ignored, so that a Ctrl-C in
+    the terminal does not reach it; the run keeps it that way (and ends by its own epochs)."""
+    import signal
+
+    proc, _ = start_ce_run(tmp_path, "bg", 3, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
@@ -371,17 +379,8 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
 
 def test_ctrl_c_names_the_run_directory_and_the_command_that_continues_it(tmp_path):
     import signal
-    import time
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
-                             "--epochs", "500", "--out-dir", str(tmp_path), "--run-name", "long"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ctrl_c_reaches_the_child)
-    last = tmp_path / "long" / "last.safetensors"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    proc, _ = start_ce_run(tmp_path, "long", 500)
     # Ctrl-C again while the run goes on: on a loaded machine a single SIGINT was seen to be lost (the run then
     # finished its 500 epochs); what is tested is what a Ctrl-C that lands prints, and that it exits 130.
     for _ in range(20):
@@ -408,15 +407,7 @@ def test_a_second_ctrl_c_during_the_cleanup_ends_with_the_same_line_and_status(t
 
     from kd.checkpoint import load_checkpoint
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_KERNELS": "reference"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "recipes.ce", *BASE, "--device", "cpu",
-                             "--epochs", "500", "--out-dir", str(tmp_path), "--run-name", "twice"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ctrl_c_reaches_the_child)
-    last = tmp_path / "twice" / "last.safetensors"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    proc, last = start_ce_run(tmp_path, "twice", 500)
     for pause in (0.05, 0.5, 1.0):
         proc.send_signal(signal.SIGINT)
         time.sleep(pause)

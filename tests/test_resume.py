@@ -38,6 +38,15 @@ def interrupted_after_epoch_one(monkeypatch, run) -> None:
             run()
 
 
+def assert_same_train_state(run_a, run_b) -> None:
+    """The two runs' last.safetensors hold bit-identical train states."""
+    a = T.flatten(load_checkpoint(run_a / "last.safetensors")[0]["state"])
+    b = T.flatten(load_checkpoint(run_b / "last.safetensors")[0]["state"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     ce.run(_config(tmp_path, "straight"))
     interrupted_after_epoch_one(monkeypatch, lambda: ce.run(_config(tmp_path, "interrupted")))
@@ -45,11 +54,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     # As on the command line: flags apply over the run's saved config (here: none that differ from it).
     ce.main(["--resume", str(tmp_path / "interrupted"), "--disable-tqdm", "True"])
 
-    straight = T.flatten(load_checkpoint(tmp_path / "straight" / "last.safetensors")[0]["state"])
-    resumed = T.flatten(load_checkpoint(tmp_path / "interrupted" / "last.safetensors")[0]["state"])
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    assert_same_train_state(tmp_path / "straight", tmp_path / "interrupted")
     epochs = [line for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
     assert len(epochs) == 3
@@ -148,8 +153,4 @@ def test_an_interrupted_run_saved_with_separate_teacher_fields_resumes_exactly(t
     path.write_text(json.dumps(_old_format(json.loads(path.read_text()))))
     kd_recipe.main(["--resume", str(tmp_path / "interrupted"), "--disable-tqdm", "True"])
 
-    straight = T.flatten(load_checkpoint(tmp_path / "straight" / "last.safetensors")[0]["state"])
-    resumed = T.flatten(load_checkpoint(tmp_path / "interrupted" / "last.safetensors")[0]["state"])
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    assert_same_train_state(tmp_path / "straight", tmp_path / "interrupted")
