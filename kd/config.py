@@ -192,7 +192,7 @@ def apply_config_file(cfg: Any, path: str | Path) -> Any:
     """``cfg`` with the fields of the config file at ``path`` (any subset, nested as in config.json); an unknown
     field or a value of the wrong type is one :class:`ConfigError` naming it."""
     data = {k: v for k, v in upgrade_saved(read_config_file(path)).items() if k not in CONFIG_FILE_IGNORED}
-    old = sorted(k for k in data if k.removesuffix("_ckpt") in {n for names in RENAMED_TEACHERS for n in names})
+    old = sorted(k for k in data if any(k.removesuffix("_ckpt") in names for names in RENAMED_TEACHERS))
     if old and not hasattr(cfg, old[0]):
         raise ConfigError(f"--config {path}: {', '.join(old)} {'is' if len(old) == 1 else 'are'} now part of one list, "
                           f"teachers: [{{\"arch\": ..., \"ckpt\": ...}}, ...] (a file with every teacher and its "

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import tyro
 
-from kd.config import RunConfig, apply_config_file, load_run_config
+from kd.config import RENAMED_TEACHERS, RunConfig, apply_config_file, load_run_config
 from kd.errors import ConfigError
 
 C = TypeVar("C")
@@ -61,7 +61,7 @@ def _config_flag(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 # Flags renamed when the teachers became one list (``--teachers.0.*``, ``--teachers.1.*``, ...).
-RENAMED_TEACHER_FLAGS = {"teacher": 0, "teacher1": 0, "teacher2": 1}
+RENAMED_TEACHER_FLAGS = {name: i for names in RENAMED_TEACHERS for i, name in enumerate(names)}  # old name -> index
 RENAMED_SINGLE_TEACHER = {"teacher1": "0", "teacher2": "1", "stronger": "-1"}
 
 
