@@ -22,7 +22,7 @@ from ._cli import parse
 
 # "model" is the network the run trained: the student, or the teacher of a teacher fine-tuning run.
 # "teacher_test_acc" (each teacher's, " / "-joined) and "synergy_test_acc" (IB-KD's MBM) where a run has them.
-COLUMNS = ["run", "dataset", "method", "teachers", "model", "seed", "epochs", "val_acc_last", "test_acc_last",
+COLUMNS = ["run", "dataset", "method", "setting", "teachers", "model", "seed", "epochs", "val_acc_last", "test_acc_last",
            "val_acc_best", "test_acc_best", "test_acc_ema_best", "teacher_test_acc", "synergy_test_acc",
            "wall_seconds", "images_per_second", "dataset_detail"]
 NUMERIC = ("val_acc_last", "test_acc_last", "val_acc_best", "test_acc_best", "test_acc_ema_best", "synergy_test_acc",
@@ -72,6 +72,57 @@ def read_summary(run_dir: Path) -> dict:
     return summary
 
 
+# Config fields that name, place or only display a run (or where it ran): runs that differ in nothing else but
+# the seed are the seeds of one setting.
+NOT_SETTING = frozenset({"seed", "run_name", "out_dir", "resume", "overwrite", "disable_tqdm", "log_every", "log",
+                         "teacher_cache", "teacher_cache_max_gb", "device", "data.root", "data.workers",
+                         "data.prefetch", "recipe"})
+
+
+def setting_of(run_dir: Path) -> dict[str, str]:
+    """The run's config.json as dotted field -> JSON text, without :data:`NOT_SETTING`; ``{}`` when the file is
+    absent or not a JSON object (the run is then grouped by its summary alone)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        elif prefix[:-1] not in NOT_SETTING and prefix.split(".")[0] not in NOT_SETTING:
+            flat[prefix[:-1]] = json.dumps(value, sort_keys=True)
+
+    if isinstance(config, dict):
+        walk("", config)
+    return flat
+
+
+def label_settings(rows: list[dict], settings: list[dict[str, str]]) -> None:
+    """Each row's ``setting``: the config fields in which its run differs from another run of the same method
+    (e.g. two grid entries), '' when all its method's runs share one setting, so entries are never averaged
+    as if they were seeds."""
+    by_method: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_method.setdefault(r["method"], []).append(i)
+    for members in by_method.values():
+        keys = set().union(*(settings[i] for i in members))
+        differing = sorted(k for k in keys if len({settings[i].get(k) for i in members}) > 1)
+        for i in members:
+            rows[i]["setting"] = ", ".join(f"{k}={_shown(settings[i].get(k))}" for k in differing
+                                           if k != "epochs") or "-"
+
+
+def _shown(text: str | None) -> str:
+    """A setting's JSON text as a reader writes it: strings without quotes, '-' for a field the run lacks."""
+    if text is None:
+        return "-"
+    value = json.loads(text)
+    return value if isinstance(value, str) else text
+
+
 def row_of(run_dir: Path) -> dict:
     summary = read_summary(run_dir)
     teachers = summary.get("teachers") or []
@@ -79,6 +130,7 @@ def row_of(run_dir: Path) -> dict:
     dataset = str(summary.get("dataset", ""))
     row = {
         "run": run_dir.name, "dataset": dataset.split(";")[0].split(" (")[0], "method": summary.get("method", summary.get("recipe", "?")),
+        "setting": "-",
         "teachers": "+".join(map(str, teachers)) or "-", "model": summary.get("student", summary.get("teacher", "?")),
         "seed": summary.get("seed"), "epochs": summary.get("epochs"),
         "val_acc_last": summary.get("last_val_acc"), "test_acc_last": summary.get("last_test_acc"),
@@ -123,7 +175,7 @@ def _fmt(value) -> str:
 
 
 # One group = the runs of one method with one student, teachers and budget: the seeds of a comparison.
-GROUP_KEY = ("dataset", "method", "teachers", "model", "epochs")
+GROUP_KEY = ("dataset", "method", "setting", "teachers", "model", "epochs")
 SUMMARY_METRICS = ("val_acc_best", "test_acc_best", "test_acc_last", "test_acc_ema_best", "images_per_second")
 SUMMARY_COLUMNS = [*GROUP_KEY, "runs", *(f"{m}_{stat}" for m in SUMMARY_METRICS for stat in ("mean", "std"))]
 
@@ -206,8 +258,9 @@ def plot(run_dirs: list[Path], rows: list[dict], path: Path) -> bool:
         group = dict(zip(GROUP_KEY, key))
         seeds = f"mean of {len(run_curves)} seeds" if len(run_curves) > 1 else "1 seed"
         where = f"{group['dataset']}: " if len(datasets) > 1 else ""
+        setting = f" ({group['setting']})" if group["setting"] != "-" else ""
         line, = ax.plot(epochs, avg, marker="o", markersize=3,
-                        label=f"{where}{group['method']} {group['model']}, {group['epochs']} epochs ({seeds})")
+                        label=f"{where}{group['method']}{setting} {group['model']}, {group['epochs']} epochs ({seeds})")
         if len(run_curves) > 1:
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
@@ -247,6 +300,7 @@ def run(cfg: ReportConfig) -> list[dict]:
     check_outputs(out, cfg.name)
     run_dirs = expand(cfg.runs)
     rows = [row_of(d) for d in run_dirs]
+    label_settings(rows, [setting_of(d) for d in run_dirs])
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)

@@ -175,9 +175,12 @@ def test_compare_cli_stronger_teacher_and_ablation_names(tmp_path):
 # report
 
 
-def fake_run(root: Path, name: str, method: str, seed: int, test_best: float, val_curve: list[float]) -> Path:
+def fake_run(root: Path, name: str, method: str, seed: int, test_best: float, val_curve: list[float],
+             config: dict | None = None) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
+    if config is not None:
+        (run_dir / "config.json").write_text(json.dumps(config))
     summary = {"method": method, "recipe": method, "teachers": ["resnet8"], "student": "resnet8", "seed": seed,
                "epochs": len(val_curve), "last_val_acc": val_curve[-1], "last_test_acc": test_best - 1.0,
                "best_val_acc": max(val_curve), "best_test_acc": test_best, "ema_best_test_acc": test_best + 0.5,
@@ -206,8 +209,8 @@ def test_report_two_seeds_mean_std_table_and_banded_plot(tmp_path, monkeypatch):
 
     table = (out / "cmp.md").read_text()
     # sample std of (50, 54) = 2.83; of the EMA (50.5, 54.5) too; val best (40, 44)
-    assert "| synthetic | dkd | resnet8 | resnet8 | 3 | 2 | 42.00 ± 2.83 | 52.00 ± 2.83 | 51.00 ± 2.83 | 52.50 ± 2.83 |" in table
-    assert "| synthetic | ce | resnet8 | resnet8 | 3 | 1 | 35.00 | 61.00 | 60.00 | 61.50 |" in table
+    assert "| synthetic | dkd | - | resnet8 | resnet8 | 3 | 2 | 42.00 ± 2.83 | 52.00 ± 2.83 | 51.00 ± 2.83 | 52.50 ± 2.83 |" in table
+    assert "| synthetic | ce | - | resnet8 | resnet8 | 3 | 1 | 35.00 | 61.00 | 60.00 | 61.50 |" in table
     with open(out / "cmp.csv") as f:
         assert len(list(csv.DictReader(f))) == 3  # per run, as before
     with open(out / "cmp_methods.csv") as f:
@@ -224,6 +227,21 @@ def test_report_two_seeds_mean_std_table_and_banded_plot(tmp_path, monkeypatch):
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == 10.0 and band.max() == 44.0
     assert "min..max" in ax.get_title()
+
+
+def test_report_keeps_grid_entries_of_one_method_apart(tmp_path):
+    """Two entries of one method (a search) are two groups, each labelled by the fields in which they differ;
+    the seed, the run's name and where it wrote are not a setting, so an entry's seeds stay one group."""
+    runs = tmp_path / "runs"
+    for name, seed, alpha, test in (("kd-t0-s0", 0, 0.9, 50.0), ("kd-t0-s1", 1, 0.9, 54.0), ("kd-t2-s0", 0, 0.5, 60.0)):
+        config = {"seed": seed, "run_name": name, "out_dir": f"runs_{seed}", "alpha": alpha,
+                  "optim": {"lr": 0.1, "name": "sgd"}, "data": {"root": f"/data{seed}", "name": "synthetic"}}
+        fake_run(runs, name, "kd", seed, test, [10.0, 30.0, 40.0], config)
+    rows = report.run(report.ReportConfig(runs=(str(runs),), out=str(tmp_path / "rep"), name="search"))
+    assert [r["setting"] for r in rows] == ["alpha=0.9", "alpha=0.9", "alpha=0.5"]
+    table = (tmp_path / "rep" / "search.md").read_text()
+    assert "| synthetic | kd | alpha=0.9 | resnet8 | resnet8 | 3 | 2 | 40.00 ± 0.00 | 52.00 ± 2.83 |" in table
+    assert "| synthetic | kd | alpha=0.5 | resnet8 | resnet8 | 3 | 1 | 40.00 | 60.00 |" in table
 
 
 def test_mean_curve_over_runs_of_different_length():
