@@ -102,7 +102,7 @@ def setting_of(run_dir: Path) -> dict[str, str]:
 
 def label_settings(rows: list[dict], settings: list[dict[str, str]]) -> None:
     """Each row's ``setting``: the config fields in which its run differs from another run of the same method
-    (e.g. two grid entries), '' when all its method's runs share one setting, so entries are never averaged
+    (e.g. two grid entries), '-' when all its method's runs share one setting, so entries are never averaged
     as if they were seeds."""
     by_method: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
